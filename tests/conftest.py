@@ -1,0 +1,73 @@
+"""Shared fixtures: one local Ray cluster for the whole test session.
+
+The cluster is started with `ray start --head` (not `ray.init()` in-process) so that the
+same cluster serves in-process drivers (`ray.init(address="auto")`), `ray job submit`
+through the dashboard, and extra nodes joined with `ray start --address`.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RAY_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    # Token auth must be configured the same for server and clients (FIELD-NOTES);
+    # tests run on loopback only, so it is off here. Real clusters keep it on.
+    "RAY_AUTH_MODE": "disabled",
+    "WANDB_MODE": "offline",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "DS_ACCELERATOR": "cpu",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+os.environ.update(RAY_ENV)
+RAY_HEAD_PORT = int(os.environ.get("MAMBA_SLM_TEST_RAY_PORT", "6389"))
+DASHBOARD_PORT = int(os.environ.get("MAMBA_SLM_TEST_DASHBOARD_PORT", "8265"))
+
+
+def _ray_bin() -> str:
+    return str(Path(sys.executable).with_name("ray"))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """Start a head node (4 logical CPUs on 2 cores: Ray Data needs slack, FIELD-NOTES)
+    and connect this process to it. Yields a dict with `address` and `dashboard`."""
+    import ray
+
+    address = f"127.0.0.1:{RAY_HEAD_PORT}"
+    subprocess.run([_ray_bin(), "stop", "--force"], capture_output=True, env={**os.environ})
+    subprocess.run(
+        [_ray_bin(), "start", "--head", f"--port={RAY_HEAD_PORT}", "--num-cpus=4",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={DASHBOARD_PORT}", "--disable-usage-stats"],
+        check=True, capture_output=True, env={**os.environ},
+    )
+    os.environ["RAY_ADDRESS"] = address
+    ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+    try:
+        yield {"address": address, "dashboard": f"http://127.0.0.1:{DASHBOARD_PORT}"}
+    finally:
+        ray.shutdown()
+        os.environ.pop("RAY_ADDRESS", None)
+        subprocess.run([_ray_bin(), "stop", "--force"], capture_output=True, env={**os.environ})
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture
+def clean_dir(tmp_path: Path) -> Path:
+    """A fresh directory removed after the test (large checkpoints do not pile up)."""
+    path = tmp_path / "work"
+    path.mkdir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
