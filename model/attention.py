@@ -1,0 +1,124 @@
+"""Grouped-query attention (Ainslie et al. 2023) with partial RoPE.
+
+Paths, chosen by `ModelConfig.attn_impl`:
+- sdpa: `torch.nn.functional.scaled_dot_product_attention`; with no document mask it
+  runs `is_causal=True`, which takes the FlashAttention backend on GPUs.
+- flash: flash-attn's `flash_attn_func`, and `flash_attn_varlen_func` for packed
+  documents (cu_seqlens from `seq_idx`), so documents never attend across a boundary
+  without a dense mask.
+Names match transformers' `BambaAttention` (q_proj, k_proj, v_proj, o_proj; no biases).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .layers import RotaryEmbedding, apply_rotary
+
+log = logging.getLogger(__name__)
+
+try:
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+except Exception:  # noqa: BLE001 - optional GPU extension
+    flash_attn_func = flash_attn_varlen_func = None
+
+
+@dataclass
+class KVState:
+    """Decoding state of one attention layer: keys/values after RoPE, (B, kv_heads, T, head_dim)."""
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+
+
+def resolve_attn_impl(requested: str, device: torch.device) -> str:
+    has_flash = flash_attn_func is not None and device.type == "cuda"
+    if requested == "flash" and not has_flash:
+        raise RuntimeError("attn_impl='flash' needs flash-attn and a CUDA device; use attn_impl='sdpa'")
+    if requested == "auto":
+        return "flash" if has_flash else "sdpa"
+    return requested
+
+
+def document_causal_mask(seq_idx: torch.Tensor) -> torch.Tensor:
+    """(B, T) document ids -> (B, 1, T, T) bool, True where query t may attend key s."""
+    T = seq_idx.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=seq_idx.device).tril()
+    return (causal & (seq_idx[:, :, None] == seq_idx[:, None, :]))[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.o_proj._is_residual_proj = True
+        self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_seq_len)
+        self._impl: str | None = None
+
+    def impl(self, device: torch.device) -> str:
+        if self._impl is None:
+            self._impl = resolve_attn_impl(self.cfg.attn_impl, device)
+            log.info("attention path: %s (attn_impl=%s)", self._impl, self.cfg.attn_impl)
+        return self._impl
+
+    def new_state(self, batch: int, device, dtype) -> KVState:
+        return KVState()
+
+    def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None,
+                state: KVState | None = None) -> torch.Tensor:
+        b, T, _ = x.shape
+        q = self.q_proj(x).view(b, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(b, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        offset = 0 if state is None or state.k is None else state.k.shape[2]
+        cos, sin = self.rotary(torch.arange(offset, offset + T, device=x.device))
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if state is not None:
+            if state.k is not None:
+                k, v = torch.cat([state.k, k], dim=2), torch.cat([state.v, v], dim=2)
+            state.k, state.v = k, v
+        if state is None and self.impl(x.device) == "flash":
+            out = self._flash(q, k, v, seq_idx)
+        else:
+            out = self._sdpa(q, k, v, seq_idx, offset)
+        return self.o_proj(out.transpose(1, 2).reshape(b, T, -1))
+
+    def _sdpa(self, q, k, v, seq_idx, offset: int) -> torch.Tensor:
+        T, S = q.shape[2], k.shape[2]
+        if seq_idx is not None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=document_causal_mask(seq_idx),
+                                                  enable_gqa=True)
+        if offset == 0:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        # Continuing from a cache: query t sits at position offset + t.
+        mask = torch.arange(S, device=q.device)[None, :] <= (offset + torch.arange(T, device=q.device))[:, None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    def _flash(self, q, k, v, seq_idx) -> torch.Tensor:
+        """flash-attn wants (B, T, H, D) in fp16/bf16."""
+        orig = q.dtype
+        dtype = orig if orig in (torch.float16, torch.bfloat16) else torch.bfloat16
+        q, k, v = (t.transpose(1, 2).to(dtype) for t in (q, k, v))
+        b, T = q.shape[:2]
+        if seq_idx is None:
+            out = flash_attn_func(q, k, v, causal=True)
+        else:
+            # Each (row, document) is one sequence; rows are laid end to end.
+            flat = (seq_idx + torch.arange(b, device=q.device)[:, None] * (T + 1)).flatten()
+            starts = torch.ones_like(flat, dtype=torch.bool)
+            starts[1:] = flat[1:] != flat[:-1]
+            cu = F.pad(torch.nonzero(starts).flatten().to(torch.int32), (0, 1), value=b * T)
+            max_len = int((cu[1:] - cu[:-1]).max())
+            out = flash_attn_varlen_func(q.reshape(b * T, *q.shape[2:]), k.reshape(b * T, *k.shape[2:]),
+                                         v.reshape(b * T, *v.shape[2:]), cu, cu, max_len, max_len,
+                                         causal=True).view(b, T, *q.shape[2:])
+        return out.transpose(1, 2).to(orig)

@@ -1,0 +1,133 @@
+"""The hybrid language model: a stack of pre-norm blocks, each a mixer (Mamba-2 or
+attention, per `ModelConfig.layer_pattern`) followed by a SwiGLU MLP.
+
+Block:  h = x + mixer(input_layernorm(x));  out = h + feed_forward(pre_ff_layernorm(h))
+(the layout of transformers' `BambaDecoderLayer`, so weights map one to one).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .attention import Attention
+from .config import ATTENTION, ModelConfig
+from .layers import RMSNorm, SwiGLU
+from .mamba2 import Mamba2Mixer
+
+
+@dataclass
+class InferenceCache:
+    """Per-layer decoding state (MambaState or KVState) and the number of tokens seen."""
+    layers: list = field(default_factory=list)
+    seqlen: int = 0
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor | None
+    loss: torch.Tensor | None = None
+    cache: InferenceCache | None = None
+
+
+class Block(nn.Module):
+    """One layer: either mixer behind the same forward(x, seq_idx, state) interface."""
+
+    def __init__(self, cfg: ModelConfig, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mixer = Attention(cfg) if kind == ATTENTION else Mamba2Mixer(cfg)
+        self.pre_ff_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.feed_forward = SwiGLU(cfg.hidden_size, cfg.mlp_hidden_size)
+
+    def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None, state=None) -> torch.Tensor:
+        h = x + self.mixer(self.input_layernorm(x), seq_idx=seq_idx, state=state)
+        return h + self.feed_forward(self.pre_ff_layernorm(h))
+
+
+class HybridLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        V = cfg.padded_vocab_size
+        self.embed_tokens = nn.Embedding(V, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, kind) for kind in cfg.layer_pattern)
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, V, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.gradient_checkpointing = False
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) for projections and embeddings; residual output projections
+        scaled by 1/sqrt(2 * n_layers) (GPT-2, Radford et al. 2019); Mamba-2's dt_bias,
+        A_log, D keep their own init (see `Mamba2Mixer.reset_ssm_parameters`)."""
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, residual_std if getattr(module, "_is_residual_proj", False) else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std)
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in backward (one checkpoint per block)."""
+        self.gradient_checkpointing = enabled
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
+        if exclude_embeddings:
+            n -= self.embed_tokens.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 N + 12 * attention layers * hidden * seq_len
+        (Kaplan et al. 2020 / PaLM appendix B, the convention of the benchmarks)."""
+        n_attn = self.config.layer_pattern.count(ATTENTION)
+        return 6 * self.num_parameters() + 12 * n_attn * self.config.hidden_size * seq_len
+
+    def new_cache(self, batch: int, device=None, dtype=None) -> InferenceCache:
+        device = device or self.embed_tokens.weight.device
+        dtype = dtype or self.embed_tokens.weight.dtype
+        return InferenceCache([blk.mixer.new_state(batch, device, dtype) for blk in self.layers])
+
+    def forward(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, cache: InferenceCache | None = None,
+                return_logits: bool = True) -> LMOutput:
+        """input_ids (B, T) -> LMOutput(logits (B, T, V_padded), loss, cache).
+
+        seq_idx (B, T): document index per token (non-decreasing); no information flows
+        between documents. labels (B, T): targets aligned with input_ids (already shifted),
+        -100 ignored. cache: continue decoding from (and update) an `InferenceCache`.
+        """
+        if cache is not None and seq_idx is not None:
+            raise ValueError("seq_idx (packed documents) is for training; decode one document per row")
+        h = self.embed_tokens(input_ids)  # (B, T, hidden)
+        for i, block in enumerate(self.layers):
+            state = None if cache is None else cache.layers[i]
+            if self.gradient_checkpointing and self.training and cache is None:
+                h = checkpoint(block, h, seq_idx, use_reentrant=False)
+            else:
+                h = block(h, seq_idx=seq_idx, state=state)
+        h = self.final_norm(h)
+        if cache is not None:
+            cache.seqlen += input_ids.shape[1]
+        logits = self.lm_head(h)  # (B, T, V_padded)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return LMOutput(logits=logits if return_logits else None, loss=loss, cache=cache)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, **sampling) -> torch.Tensor:
+        from .generation import generate
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, **sampling)

@@ -1,0 +1,158 @@
+"""Mamba-2 mixer (Dao & Gu 2024, "Transformers are SSMs", sec. 7).
+
+x -> in_proj -> [z | xBC | dt];  xBC -> causal depthwise conv -> silu -> [x | B | C];
+y = SSD(x, softplus(dt + dt_bias), -exp(A_log), B, C) + D x;  out = out_proj(norm(y * silu(z))).
+
+Parameter names and layout match transformers' `BambaMixer` one-to-one
+(in_proj, conv1d, dt_bias, A_log, D, norm, out_proj), so export is a rename.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .layers import GatedRMSNorm
+from .ssd import resolve_ssm_path, ssd_scan, ssd_step
+
+log = logging.getLogger(__name__)
+
+try:
+    from causal_conv1d import causal_conv1d_fn
+except Exception:  # noqa: BLE001 - optional GPU extension
+    causal_conv1d_fn = None
+
+
+@dataclass
+class MambaState:
+    """Decoding state of one Mamba-2 layer."""
+    conv: torch.Tensor  # (B, conv_dim, d_conv - 1): the last pre-conv inputs
+    ssm: torch.Tensor   # (B, n_heads, head_dim, d_state), float32
+
+
+def causal_conv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    seq_idx: torch.Tensor | None = None, prev: torch.Tensor | None = None) -> torch.Tensor:
+    """Depthwise causal conv. x (B, C, T), weight (C, 1, W), prev (B, C, W-1) or None.
+
+    With `seq_idx`, tap k (input t-k) only counts where t-k is in t's document.
+    """
+    W = weight.shape[-1]
+    if prev is None:
+        prev = x.new_zeros(x.shape[0], x.shape[1], W - 1)
+    xe = torch.cat([prev.to(x.dtype), x], dim=-1)
+    if seq_idx is None:
+        return F.conv1d(xe, weight, bias, groups=x.shape[1])
+    T = x.shape[-1]
+    seq_pad = F.pad(seq_idx, (W - 1, 0), value=-1)
+    out = torch.zeros_like(x) if bias is None else bias[None, :, None].to(x.dtype).expand_as(x).clone()
+    for k in range(W):
+        tap = xe[..., W - 1 - k: W - 1 - k + T]
+        same_doc = (seq_pad[:, W - 1 - k: W - 1 - k + T] == seq_idx)[:, None, :]
+        out = out + weight[:, 0, W - 1 - k][None, :, None].to(x.dtype) * tap * same_doc
+    return out
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.d_inner = cfg.mamba_inner_size
+        self.n_heads, self.head_dim = cfg.mamba_n_heads, cfg.mamba_head_dim
+        self.n_groups, self.d_state = cfg.mamba_n_groups, cfg.mamba_d_state
+        self.conv_dim = self.d_inner + 2 * self.n_groups * self.d_state
+        self.in_proj = nn.Linear(cfg.hidden_size, self.d_inner + self.conv_dim + self.n_heads,
+                                 bias=cfg.mamba_proj_bias)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, cfg.mamba_d_conv, groups=self.conv_dim,
+                                padding=cfg.mamba_d_conv - 1, bias=cfg.mamba_conv_bias)
+        self.dt_bias = nn.Parameter(torch.empty(self.n_heads))
+        self.A_log = nn.Parameter(torch.empty(self.n_heads))
+        self.D = nn.Parameter(torch.empty(self.n_heads))
+        for p in (self.dt_bias, self.A_log, self.D):
+            p._no_weight_decay = True
+        self.norm = GatedRMSNorm(self.d_inner, eps=cfg.norm_eps)
+        self.out_proj = nn.Linear(self.d_inner, cfg.hidden_size, bias=cfg.mamba_proj_bias)
+        self.out_proj._is_residual_proj = True
+        self._path: str | None = None
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self, dt_min: float = 1e-3, dt_max: float = 0.1, dt_floor: float = 1e-4) -> None:
+        """Mamba-2 init (mamba_ssm `Mamba2.__init__`): dt log-uniform in [dt_min, dt_max]
+        stored as softplus^-1 in dt_bias; A uniform in [1, 16] stored as log; D = 1."""
+        dt = torch.exp(torch.rand(self.n_heads, device=self.dt_bias.device)
+                       * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_floor)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.A_log.copy_(torch.log(torch.empty(self.n_heads, device=self.A_log.device).uniform_(1, 16)))
+        self.D.fill_(1.0)
+
+    def path(self, device: torch.device) -> str:
+        if self._path is None:
+            self._path = resolve_ssm_path(self.cfg.ssm_path, device)
+            log.info("Mamba-2 SSD path: %s (ssm_path=%s)", self._path, self.cfg.ssm_path)
+        return self._path
+
+    def new_state(self, batch: int, device, dtype) -> MambaState:
+        return MambaState(
+            conv=torch.zeros(batch, self.conv_dim, self.cfg.mamba_d_conv - 1, device=device, dtype=dtype),
+            ssm=torch.zeros(batch, self.n_heads, self.head_dim, self.d_state, device=device, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None,
+                state: MambaState | None = None) -> torch.Tensor:
+        """x (B, T, hidden) -> (B, T, hidden). With `state`, continue from it and update it."""
+        b, T, _ = x.shape
+        z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
+        if state is not None and T == 1:
+            return self._step(z, xBC, dt, state)
+        xBC = self._conv(xBC, seq_idx, state)  # (B, T, conv_dim), after silu
+        xs, B, C = xBC.split([self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
+        dt = F.softplus(dt.float() + self.dt_bias.float())  # (B, T, n_heads)
+        A = -torch.exp(self.A_log.float())
+        out = ssd_scan(
+            self.path(x.device), xs.reshape(b, T, self.n_heads, self.head_dim), dt, A,
+            B.reshape(b, T, self.n_groups, self.d_state), C.reshape(b, T, self.n_groups, self.d_state),
+            self.cfg.mamba_chunk_size, self.D, seq_idx=seq_idx,
+            initial_states=None if state is None else state.ssm, return_final_states=state is not None)
+        if state is not None:
+            y, final = out
+            state.ssm.copy_(final)
+        else:
+            y = out
+        y = self.norm(y.reshape(b, T, self.d_inner), z)
+        return self.out_proj(y)
+
+    def _conv(self, xBC: torch.Tensor, seq_idx, state: MambaState | None) -> torch.Tensor:
+        x = xBC.transpose(1, 2)  # (B, conv_dim, T)
+        W = self.cfg.mamba_d_conv
+        if state is None and self.path(x.device) == "kernel" and causal_conv1d_fn is not None:
+            si = None if seq_idx is None else seq_idx.to(torch.int32).contiguous()
+            return causal_conv1d_fn(x, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                    seq_idx=si, activation="silu").transpose(1, 2)
+        prev = None if state is None else state.conv
+        out = causal_conv_ref(x, self.conv1d.weight, self.conv1d.bias, seq_idx, prev)
+        if state is not None:
+            full = torch.cat([state.conv.to(x.dtype), x], dim=-1)
+            state.conv.copy_(full[..., -(W - 1):])
+        return F.silu(out).transpose(1, 2)
+
+    def _step(self, z, xBC, dt, state: MambaState) -> torch.Tensor:
+        """Single-token recurrence; z/xBC/dt are (B, 1, .)."""
+        b = z.shape[0]
+        window = torch.cat([state.conv.to(xBC.dtype), xBC.transpose(1, 2)], dim=-1)  # (B, C, W)
+        state.conv.copy_(window[..., 1:])
+        conv = (window * self.conv1d.weight[:, 0, :].to(window.dtype)).sum(-1)
+        if self.conv1d.bias is not None:
+            conv = conv + self.conv1d.bias.to(conv.dtype)
+        xs, B, C = F.silu(conv).split(
+            [self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
+        dt = F.softplus(dt[:, 0].float() + self.dt_bias.float())
+        A = -torch.exp(self.A_log.float())
+        y = ssd_step(state.ssm, xs.reshape(b, self.n_heads, self.head_dim), dt, A,
+                     B.reshape(b, self.n_groups, self.d_state), C.reshape(b, self.n_groups, self.d_state),
+                     self.D)
+        y = self.norm(y.reshape(b, 1, self.d_inner), z)
+        return self.out_proj(y)
