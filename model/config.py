@@ -60,7 +60,9 @@ def derive_layer_pattern(n_layers: int, attn_ratio: float, placement: str) -> st
             n_first = 2 if n_attn >= 8 else 1
             n_last = 3 if n_attn >= 10 else 2
             n_mid = n_attn - n_first - n_last
-            mid = _evenly_spaced(n_mid, n_first, n_layers - n_last) if n_mid > 0 else []
+            # Equal gaps between the last front layer and the first back layer.
+            lo, hi = n_first - 1, n_layers - n_last
+            mid = [lo + round((i + 1) * (hi - lo) / (n_mid + 1)) for i in range(n_mid)]
             idx = list(range(n_first)) + mid + list(range(n_layers - n_last, n_layers))
     else:
         raise ValueError(f"attn_placement={placement!r}; expected one of {PLACEMENTS}")

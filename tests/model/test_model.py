@@ -1,0 +1,143 @@
+import pytest
+import torch
+
+from mamba_slm.model import HybridLM, ModelConfig
+from mamba_slm.model.generation import filter_top_k_top_p, apply_repetition_penalty
+from mamba_slm.model.io import load_pretrained, save_pretrained
+
+
+def _model(pattern="AMAM", seed=0, **kw):
+    torch.manual_seed(seed)
+    return HybridLM(ModelConfig.from_name("tiny", layer_pattern=pattern, **kw)).eval()
+
+
+def test_forward_shapes_and_loss():
+    model = _model()
+    ids = torch.randint(0, 4000, (2, 33))
+    out = model(ids, labels=ids)
+    assert out.logits.shape == (2, 33, model.config.padded_vocab_size)
+    assert out.loss.ndim == 0 and 7 < out.loss.item() < 10  # ~ln(4096) at init
+
+
+@pytest.mark.parametrize("pattern", ["AMAM", "MMMM", "AAAA"])
+def test_incremental_decode_equals_full_forward(pattern):
+    model = _model(pattern)
+    ids = torch.randint(0, 4000, (2, 45))
+    full = model(ids).logits
+    cache = model.new_cache(2)
+    steps = [model(ids[:, :17], cache=cache).logits]  # prefill crosses a chunk boundary (32)
+    steps += [model(ids[:, t:t + 1], cache=cache).logits for t in range(17, 45)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    assert cache.seqlen == 45
+
+
+def test_greedy_generation_matches_argmax_of_full_forward():
+    model = _model()
+    prompt = torch.randint(0, 4000, (1, 9))
+    out = model.generate(prompt, max_new_tokens=8, temperature=0)
+    logits = model(out[:, :-1]).logits[:, 8:, :model.config.vocab_size]
+    assert torch.equal(logits.argmax(-1), out[:, 9:])
+
+
+def test_document_masking_isolates_documents():
+    model = _model()
+    ids = torch.randint(0, 4000, (2, 70))
+    seq_idx = torch.tensor([[0] * 25 + [1] * 45, [0] * 40 + [1] * 30])
+    changed = ids.clone()
+    changed[0, :25] = torch.randint(0, 4000, (25,))
+    changed[1, :40] = torch.randint(0, 4000, (40,))
+    a, b = model(ids, seq_idx=seq_idx).logits, model(changed, seq_idx=seq_idx).logits
+    torch.testing.assert_close(a[0, 25:], b[0, 25:])
+    torch.testing.assert_close(a[1, 40:], b[1, 40:])
+    assert (a[0, :25] - b[0, :25]).abs().max() > 1e-2  # the change itself is visible
+    alone = model(ids[:1, 25:]).logits
+    torch.testing.assert_close(a[:1, 25:], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    model = _model().train()
+    ids = torch.randint(0, 4000, (2, 40))
+    model(ids, labels=ids).loss.backward()
+    ref = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.set_gradient_checkpointing(True)
+    model(ids, labels=ids).loss.backward()
+    for g_ref, p in zip(ref, model.parameters()):
+        torch.testing.assert_close(p.grad, g_ref, atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_autocast_forward_is_close_to_fp32():
+    model = _model()
+    ids = torch.randint(0, 4000, (2, 40))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(ids, labels=ids).loss
+    assert abs(low.item() - model(ids, labels=ids).loss.item()) < 0.05
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 master weights
+
+
+def test_tiny_model_overfits_a_batch():
+    model = _model().train()
+    ids = torch.randint(0, 4000, (4, 65), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(150):
+        loss = model(ids[:, :-1], labels=ids[:, 1:]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0]
+
+
+def test_init_of_ssm_parameters():
+    model = _model("MMMM")
+    mixer = model.layers[0].mixer
+    A = -torch.exp(mixer.A_log)
+    assert ((A <= -1) & (A >= -16)).all()
+    dt = torch.nn.functional.softplus(mixer.dt_bias)
+    assert ((dt > 9e-4) & (dt < 0.11)).all()
+    assert torch.equal(mixer.D, torch.ones_like(mixer.D))
+    assert mixer.A_log._no_weight_decay and mixer.dt_bias._no_weight_decay
+
+
+def test_meta_device_build_and_flops():
+    with torch.device("meta"):
+        model = HybridLM(ModelConfig.from_name("1.3B"))
+    n = model.num_parameters()
+    assert model.flops_per_token(8192) == 6 * n + 12 * 6 * 2048 * 8192
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = _model()
+    save_pretrained(model, tmp_path / "m")
+    loaded = load_pretrained(tmp_path / "m")
+    ids = torch.randint(0, 4000, (1, 20))
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+    assert loaded.lm_head.weight is loaded.embed_tokens.weight
+
+
+def test_kernel_path_missing_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only check")
+    model = _model(ssm_path="kernel")
+    with pytest.raises(RuntimeError, match="ssm_path='kernel'"):
+        model(torch.randint(0, 4000, (1, 8)))
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
+    kept = filter_top_k_top_p(logits, top_k=2)
+    assert torch.isinf(kept[0, 2:]).all() and torch.isfinite(kept[0, :2]).all()
+    nucleus = filter_top_k_top_p(logits, top_p=0.7)  # p = .64, .24, ...: two tokens reach 0.7
+    assert torch.isfinite(nucleus[0, :2]).all() and torch.isinf(nucleus[0, 2:]).all()
+    pen = apply_repetition_penalty(logits, torch.tensor([[0, 4]]), 2.0)
+    assert pen[0, 0] == 1.5 and pen[0, 4] == -2.0 and pen[0, 1] == 2.0
+
+
+def test_sampling_is_seeded_and_varied():
+    model = _model()
+    prompt = torch.randint(0, 4000, (1, 5))
+    gen = lambda s: model.generate(prompt, 10, temperature=1.0, top_k=50, top_p=0.95,
+                                   repetition_penalty=1.1, generator=torch.Generator().manual_seed(s))
+    assert torch.equal(gen(1), gen(1))
+    assert not torch.equal(gen(1), gen(2))
