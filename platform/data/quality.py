@@ -32,6 +32,7 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _TRAILING_WS = re.compile(r"[ \t]+\n")
 _BLANK_RUNS = re.compile(r"\n{3,}")
 _HAS_LETTER = re.compile(r"[^\W\d_]")
+_NOT_ALNUM = re.compile(r"[\W_]+")
 _EDGE_PUNCT = "\"'.,;:!?()[]{}<>-*_`"
 # Gopher's stop words: "the, be, to, of, and, that, have, with" (Rae et al. 2021, A.1.1).
 _STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
@@ -212,7 +213,7 @@ def quality_reason(text: str, t: QualityThresholds) -> str | None:
             if len(lower & _STOP_WORDS) < t.min_stop_words:
                 return "stop_words"
     if t.min_alnum_frac is not None:
-        alnum = sum(c.isalnum() for c in text)
+        alnum = len(_NOT_ALNUM.sub("", text))
         if alnum / n_chars < t.min_alnum_frac:
             return "alnum_frac"
     reason = _line_checks(text, t)
