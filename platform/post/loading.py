@@ -1,0 +1,72 @@
+"""Load a model directory (plain `save_pretrained` or `save_quantized`) with its tokenizer
+and end-of-text id: the one loader of the post-training jobs."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from mamba_slm.model import HybridLM
+from mamba_slm.model.io import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load_pretrained
+
+from .quantize import is_quantized_dir, load_quantized
+
+EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
+
+
+@dataclass
+class LoadedModel:
+    model: HybridLM
+    tokenizer: Tokenizer
+    eos_id: int
+    path: Path
+    quantized: bool
+
+
+def find_eos(tokenizer: Tokenizer, metadata: dict) -> int:
+    """config.json's `eos_id` when present, else a usual end-of-text name, else the
+    tokenizer's only special token (the curation's BPE has exactly one)."""
+    if isinstance(metadata.get("eos_id"), int):
+        return metadata["eos_id"]
+    for name in EOS_CANDIDATES:
+        idx = tokenizer.token_to_id(name)
+        if idx is not None:
+            return idx
+    specials = [t for t in tokenizer.get_added_tokens_decoder().values() if t.special]
+    if len(specials) == 1:
+        return tokenizer.token_to_id(specials[0].content)
+    raise ValueError(f"cannot tell the tokenizer's end-of-text token (tried {EOS_CANDIDATES} and a single "
+                     f"special token); add \"eos_id\": <id> to config.json")
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """Raise a FileNotFoundError that says what a model directory must hold."""
+    path = Path(path)
+    missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE) if not (path / f).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{path} is not a model directory (missing {', '.join(missing)}); pass the directory "
+            f"written by save_pretrained (the final model of jobs/pretrain.py or jobs/finetune.py)")
+    return path
+
+
+def load_model_dir(path: str | Path, **config_overrides) -> LoadedModel:
+    """Model on the CPU in eval mode + tokenizer. `config_overrides` (e.g. rope_scaling)
+    replace config.json fields; quantized directories take none."""
+    path = check_model_dir(path)
+    metadata = json.loads((path / CONFIG_FILE).read_text())
+    quantized = is_quantized_dir(path)
+    if quantized:
+        if config_overrides:
+            raise ValueError(f"{path} is quantized; config overrides {sorted(config_overrides)} apply "
+                             f"to float model directories only")
+        model = load_quantized(path)
+    else:
+        model = load_pretrained(path, **config_overrides)
+    tokenizer = Tokenizer.from_file(str(path / TOKENIZER_FILE))
+    if tokenizer.get_vocab_size() > model.config.padded_vocab_size:
+        raise ValueError(f"{path}: tokenizer has {tokenizer.get_vocab_size()} tokens but the model only "
+                         f"{model.config.padded_vocab_size} embeddings")
+    return LoadedModel(model, tokenizer, find_eos(tokenizer, metadata), path, quantized)
