@@ -151,7 +151,10 @@ def pack_chunk(spec: dict, plan: CurationPlan, output: Path, ratios: list[float]
     doc_id, source = table["doc_id"].to_numpy(), table["source"].to_numpy()
     ratio = np.asarray(ratios, dtype=np.float64)[source]
     copies = np.floor(ratio).astype(np.int64) + (unit_hash(doc_id, salt=2 + plan.seed) < ratio % 1.0)
-    is_val = unit_hash(doc_id, salt=3 + plan.seed) < plan.val_fraction
+    u_val = unit_hash(doc_id, salt=3 + plan.seed)
+    is_val = u_val < plan.val_fraction
+    if plan.val_fraction > 0 and len(doc_id) >= 2 and not is_val.any():
+        is_val[np.argmin(u_val)] = True  # every chunk gives val at least one document
     names = [s.name for s in plan.sources]
     result = {"chunk": spec["chunk"], "selected_tokens": Counter(), "shards": {}, "dropped_tokens": 0}
     for split, mask in (("train", ~is_val), ("val", is_val)):
