@@ -1,0 +1,118 @@
+"""Driver side of a pretraining run: resolve data, model and paths, start (or join) Ray,
+run the `TorchTrainer`, summarise the result.
+
+Paths are made absolute here, because Ray Train workers run in their own directories.
+Layout of a run with the default local storage (`./runs`):
+
+    runs/<name>/                 output dir = Ray's run directory
+        step_00000050/ ...       checkpoints (train_state.json, rng, ds/), newest kept
+        model/                   final model (save_pretrained: config.json, safetensors, tokenizer)
+        metrics.jsonl  loss_curve.png  wandb/
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mamba_slm.model import ModelConfig
+
+from .config import DataConfig, RunConfig, TrainingConfig
+from .data import read_manifest
+from .loop import train_loop_per_worker
+from .metrics import read_metrics
+from .state import JobSpec
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    output_dir: str
+    checkpoint: str | None
+    metrics: list[dict[str, Any]]  # per step, from metrics.jsonl (rank 0's disk)
+    last: dict[str, Any]
+    stop_reason: str
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def resolve_job(training: TrainingConfig, data: DataConfig, run: RunConfig,
+                model_overrides: dict[str, Any] | None = None, hooks: list | None = None) -> JobSpec:
+    """Fill in what the flags left open: the data (demo corpus when no path), the model
+    (vocabulary and context from the manifest), the run name and absolute paths."""
+    if not data.path:
+        from mamba_slm.platform.data import ensure_demo_data
+
+        data = dataclasses.replace(data, path=str(ensure_demo_data()))
+    if not is_uri(data.path):
+        data = dataclasses.replace(data, path=str(Path(data.path).resolve()))
+    manifest = read_manifest(data.path)
+    seq_len = int(manifest["seq_len"])
+    overrides = {"vocab_size": int(manifest["vocab_size"]), **(model_overrides or {})}
+    base = ModelConfig.from_name(training.model_size)
+    if seq_len > base.max_seq_len:
+        overrides.setdefault("max_seq_len", seq_len)
+    model = ModelConfig.from_name(training.model_size, **overrides)
+    name = run.name or f"{training.name}-{training.model_size}"
+    output = Path(run.output_dir or Path("runs") / name).resolve()
+    storage = run.storage_path or str(output.parent)
+    if not is_uri(storage):
+        storage = str(Path(storage).resolve())
+    if run.storage_path == "" and output.name != name:
+        storage = str(output / "checkpoints")  # a custom --output-dir keeps its checkpoints inside
+    run = dataclasses.replace(run, name=name, output_dir=str(output), storage_path=storage,
+                              resume_from=str(Path(run.resume_from).resolve()) if run.resume_from else "")
+    if seq_len != training.seq_len:
+        training = dataclasses.replace(training, seq_len=seq_len)  # the data decides
+    return JobSpec(training, data, run, model, hooks or [])
+
+
+def ensure_ray(use_gpu: bool) -> None:
+    """Join the cluster in RAY_ADDRESS (a `ray job submit` sets it), else start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
+    if not use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    os.environ.update(env)
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], logging_level="ERROR")
+    else:
+        # A laptop/CI machine: at least 4 logical CPUs so 2 workers plus Ray's own tasks
+        # fit on a 2-core machine (FIELD-NOTES).
+        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), logging_level="ERROR",
+                 runtime_env={"env_vars": env}, include_dashboard=False)
+
+
+def run_pretraining(job: JobSpec) -> TrainResult:
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    run = job.run
+    local_mode = run.num_workers == 0
+    ensure_ray(run.use_gpu)
+    workers = (run.min_workers, run.num_workers) if run.min_workers else run.num_workers
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job.to_dict(), "hooks": job.hooks, "local_mode": local_mode,
+                           "run_dir": str(Path(run.storage_path) / run.name)},
+        torch_config=TorchConfig(backend="nccl" if run.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=run.use_gpu,
+                                               resources_per_worker={"CPU": run.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=run.name, storage_path=run.storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=run.max_failures)),
+    )
+    result = trainer.fit()
+    metrics = read_metrics(Path(run.output_dir))
+    last = result.metrics or (metrics[-1] if metrics else {})
+    return TrainResult(run_dir=str(Path(run.storage_path) / run.name), output_dir=run.output_dir,
+                       checkpoint=result.checkpoint.path if result.checkpoint else None,
+                       metrics=metrics, last=last, stop_reason=last.get("stop_reason", ""))

@@ -1,0 +1,276 @@
+"""The training loop every Ray Train worker runs (`train_loop_per_worker`).
+
+One optimizer step = `grad_accum` micro-batches of this worker's slice of the global
+batch (data.py), forward + backward through the DeepSpeed engine, then the ZeRO step.
+After each step: per-step hooks, metrics to Ray/wandb/console, and (every
+`checkpoint_every` steps, at the end, or when a hook asks) a checkpoint through
+`ray.train.report`.
+
+Bad steps: each micro-batch's loss is averaged over the workers before its backward; if
+it is not finite, or a spike (> spike_factor x the running mean of good losses), the
+backward is poisoned with NaN, and DeepSpeed's overflow check (`check_grad_overflow`)
+discards the whole step on every worker: no weight, moment or step-count change. The
+batch is consumed (not retried), as in PaLM (Chowdhery et al. 2022, sec. 5.1). After
+`max_bad_steps` in a row the run checkpoints and stops with a message.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import socket
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import (check_architecture, checkpoint_dir_name, latest_checkpoint, load_checkpoint,
+                         read_train_state, save_checkpoint, save_final_model)
+from .data import Batch, PackedSampleReader, StepBatches
+from .metrics import MetricsLogger, memory_gb, peak_flops_per_device, plot_loss_curve
+from .schedule import lr_at
+from .state import JobSpec, TrainState
+
+
+@dataclass
+class StepResult:
+    loss: float
+    lr: float
+    grad_norm: float | None
+    applied: bool
+    skip_reason: str
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Entry point of every worker; `config` is `{"job": JobSpec.to_dict(), "hooks": [...],
+    "local_mode": bool, "run_dir": str}` from `launcher.run_pretraining`."""
+    import ray.train
+
+    job = JobSpec.from_dict(config["job"], hooks=config.get("hooks"))
+    rank, world = setup_distributed(job.run.use_gpu, config["local_mode"])
+    tcfg = job.training
+    reader = PackedSampleReader(job.data.path, job.data.split, tcfg.seed, job.data.shuffle_window_blocks)
+    with ExitStack() as stack:
+        resume_dir = find_resume_checkpoint(job, config, stack)
+        if resume_dir is not None:
+            check_architecture(read_train_state(resume_dir)[1]["model"], job.model, str(resume_dir))
+        from .engine import build_engine, resolve_precision
+
+        engine, _ = build_engine(job.model, tcfg, world, job.run.use_gpu)
+        state = load_checkpoint(engine, resume_dir, rank) if resume_dir is not None else TrainState()
+    logger = None
+    if rank == 0:
+        logger = MetricsLogger(Path(job.run.output_dir), job.to_dict(), job.run.name, tcfg.max_steps,
+                               job.run.wandb, job.run.wandb_project, job.run.log_every)
+        logger.message(describe_start(job, engine, world, state))
+    batches = StepBatches(reader, tcfg.global_batch_size, tcfg.micro_batch_size, rank, world)
+    peak = peak_flops_per_device(job.run.use_gpu, resolve_precision(tcfg, job.run.use_gpu))
+    flops_per_token = meta_model(job).flops_per_token(reader.seq_len)
+    try:
+        while state.step < tcfg.max_steps and not state.stop_reason:
+            t0 = time.perf_counter()
+            result = train_step(engine, batches.get(state.sample_position), state, tcfg)
+            if job.run.use_gpu:
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - t0
+            advance(state, result, tcfg, reader.seq_len)
+            for hook in job.hooks:
+                hook.on_step_end(state, rank)
+            metrics = step_metrics(state, result, elapsed, tcfg.tokens_per_step(reader.seq_len),
+                                   flops_per_token, peak, world)
+            if logger is not None:
+                logger.log(metrics)
+            report(engine, job, config, state, metrics, rank, logger)
+    finally:
+        batches.close()
+        if logger is not None:
+            finish(logger, job, state)
+    return {"step": state.step, "stop_reason": state.stop_reason}
+
+
+def meta_model(job: JobSpec):
+    """The network on the meta device: true sizes even when ZeRO-3 partitions the real one."""
+    from mamba_slm.model import HybridLM
+
+    with torch.device("meta"):
+        return HybridLM(job.model)
+
+
+def setup_distributed(use_gpu: bool, local_mode: bool) -> tuple[int, int]:
+    """Rank and world size; the process group is Ray Train's (gloo or NCCL). In local
+    mode (num_workers=0, tests) this process forms a group of one for DeepSpeed."""
+    import ray.train
+
+    if not use_gpu:
+        os.environ["DS_ACCELERATOR"] = "cpu"  # before DeepSpeed picks an accelerator
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # DeepSpeed reads these even when the process group already exists.
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(ctx.get_local_rank()))
+    if use_gpu:
+        torch.cuda.set_device(ctx.get_local_rank() if local_mode else ray.train.torch.get_device())
+    if local_mode and not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("nccl" if use_gpu else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                rank=0, world_size=1)
+    return rank, world
+
+
+def find_resume_checkpoint(job: JobSpec, config: dict[str, Any], stack: ExitStack) -> Path | None:
+    """The checkpoint to start from: Ray Train's latest for this run (a restart or a
+    resubmitted run), else `--resume-from`. In local mode the run directory is scanned."""
+    import ray.train
+
+    if config["local_mode"]:
+        found = latest_checkpoint(config["run_dir"])
+    else:
+        ckpt = ray.train.get_checkpoint()
+        found = Path(stack.enter_context(ckpt.as_directory())) if ckpt is not None else None
+    if found is None and job.run.resume_from:
+        found = Path(job.run.resume_from)
+        if not (found / "train_state.json").is_file():
+            found = latest_checkpoint(found)
+        if found is None:
+            raise FileNotFoundError(f"--resume-from {job.run.resume_from}: no checkpoint there")
+    return found
+
+
+def train_step(engine, micro_batches: list[Batch], state: TrainState, cfg) -> StepResult:
+    lr = lr_at(state.step, cfg)
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+    losses, skip_reason = [], ""
+    for mb in micro_batches:
+        dev = engine.device
+        out = engine(mb.input_ids.to(dev), seq_idx=mb.seq_idx.to(dev), labels=mb.labels.to(dev),
+                     return_logits=False)
+        loss = out.loss
+        global_loss = mean_over_workers(loss.detach())
+        losses.append(global_loss)
+        skip_reason = skip_reason or bad_loss_reason(global_loss, state, cfg)
+        if skip_reason:
+            loss = loss * float("nan")  # DeepSpeed drops a step whose gradients are not finite
+        engine.backward(loss)
+        engine.step()
+    grad_norm = engine.get_global_grad_norm()
+    applied = engine.was_step_applied()
+    if not applied and not skip_reason:
+        skip_reason = "non-finite gradients"
+    return StepResult(loss=sum(losses) / len(losses), lr=lr, applied=applied, skip_reason=skip_reason,
+                      grad_norm=None if grad_norm is None or not applied else float(grad_norm))
+
+
+def mean_over_workers(x: torch.Tensor) -> float:
+    x = x.float().clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        x /= dist.get_world_size()
+    return float(x)
+
+
+def bad_loss_reason(loss: float, state: TrainState, cfg) -> str:
+    if not math.isfinite(loss):
+        return "non-finite loss"
+    if (cfg.spike_factor and state.loss_ema is not None and state.step >= cfg.spike_warmup_steps
+            and loss > cfg.spike_factor * state.loss_ema):
+        return f"loss spike {loss:.3f} > {cfg.spike_factor:g} x running mean {state.loss_ema:.3f}"
+    return ""
+
+
+def advance(state: TrainState, result: StepResult, cfg, seq_len: int) -> None:
+    state.step += 1
+    state.sample_position += cfg.global_batch_size
+    state.tokens_seen += cfg.tokens_per_step(seq_len)
+    if result.applied:
+        state.bad_in_a_row = 0
+        state.loss_ema = result.loss if state.loss_ema is None else 0.9 * state.loss_ema + 0.1 * result.loss
+        return
+    state.skipped_steps += 1
+    state.bad_in_a_row += 1
+    if state.bad_in_a_row >= cfg.max_bad_steps:
+        state.stop_reason = (f"{state.bad_in_a_row} bad steps in a row (last: {result.skip_reason}) at "
+                             f"step {state.step}: stopped with a checkpoint. Lower --lr, raise "
+                             "--warmup-steps or check the data, then resume.")
+
+
+def step_metrics(state: TrainState, r: StepResult, elapsed: float, tokens_per_step: int,
+                 flops_per_token: float, peak: float | None, world: int) -> dict[str, Any]:
+    tokens_per_s = tokens_per_step / elapsed
+    return {"step": state.step, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm,
+            "tokens_per_s": tokens_per_s, "tokens_per_s_per_worker": tokens_per_s / world,
+            "mfu": None if peak is None else flops_per_token * tokens_per_s / (peak * world),
+            "step_time_s": elapsed, "tokens_seen": state.tokens_seen,
+            "sample_position": state.sample_position, "skipped": not r.applied,
+            "skip_reason": r.skip_reason, "skipped_steps": state.skipped_steps,
+            "stop_reason": state.stop_reason, **memory_gb()}
+
+
+def report(engine, job: JobSpec, config: dict[str, Any], state: TrainState, metrics: dict[str, Any],
+           rank: int, logger: MetricsLogger | None) -> None:
+    """Every worker reports every step (Ray requires the same number of calls);
+    checkpoint steps attach each worker's files, which Ray merges into one directory."""
+    import ray.train
+
+    cfg = job.training
+    final = state.step >= cfg.max_steps or bool(state.stop_reason) or state.stop_requested
+    if state.stop_requested and not state.stop_reason:
+        state.stop_reason = "stop requested by a hook"
+    save = final or state.checkpoint_requested or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0)
+    if not save:
+        ray.train.report(metrics)
+        return
+    state.checkpoint_requested = False
+    name = checkpoint_dir_name(state.step)
+    local_mode = config["local_mode"]
+    path = Path(config["run_dir"]) / name if local_mode else Path(tempfile.mkdtemp(prefix=f"{name}-"))
+    save_checkpoint(engine, state, job.to_dict(), path, rank)
+    if final:
+        write_final_outputs(engine, job, state, path, rank, logger)
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)),
+                     checkpoint_dir_name=name)
+    if not local_mode:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def write_final_outputs(engine, job: JobSpec, state: TrainState, ckpt_path: Path, rank: int,
+                        logger: MetricsLogger | None) -> None:
+    """The model as safetensors + config + tokenizer, in the output dir and in the final
+    checkpoint (so it reaches the storage path, e.g. a bucket), with the loss curve."""
+    out = Path(job.run.output_dir)
+    tokenizer = Path(job.data.path) / "tokenizer.json"
+    meta = {"training": job.training.to_dict(), "step": state.step, "tokens_seen": state.tokens_seen,
+            "data": job.data.path}
+    save_final_model(engine, job.model, out / "model", str(tokenizer) if tokenizer.is_file() else None,
+                     meta, rank)
+    if rank != 0:
+        return
+    shutil.copytree(out / "model", ckpt_path / "model", dirs_exist_ok=True)
+    if job.run.plot and plot_loss_curve(out) is not None:
+        shutil.copy(out / "loss_curve.png", ckpt_path / "loss_curve.png")
+    shutil.copy(out / "metrics.jsonl", ckpt_path / "metrics.jsonl")
+
+
+def describe_start(job: JobSpec, engine, world: int, state: TrainState) -> str:
+    t, m = job.training, job.model
+    where = (f"resuming at step {state.step} (sample {state.sample_position})"
+             if state.resumed_from_step is not None else "starting from scratch")
+    if state.step >= t.max_steps:
+        where = (f"already finished at step {state.step}: nothing to do (raise --max-steps to "
+                 "continue, or pick a new --name)")
+    return (f"[bold]{job.run.name}[/bold]: {m.name} ({meta_model(job).num_parameters() / 1e6:.1f}M params, "
+            f"layers {m.layer_pattern}), {world} worker(s), ZeRO-{t.zero_stage}, "
+            f"global batch {t.global_batch_size} = {t.micro_batch_size} x {t.grad_accum_steps(world)} "
+            f"accum x {world}, {t.max_steps} steps, {where}")
+
+
+def finish(logger: MetricsLogger, job: JobSpec, state: TrainState) -> None:
+    if state.stop_reason:
+        logger.message(f"[red]{state.stop_reason}[/red]")
+    logger.close()
