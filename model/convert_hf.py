@@ -96,6 +96,11 @@ def to_bamba_config(cfg: ModelConfig, *, eos_token_id: int | None = None,
     }
 
 
+def _as_float(value: Any) -> float:
+    """transformers writes inf into config.json as {"__float__": "Infinity"}."""
+    return float(value["__float__"]) if isinstance(value, dict) else float(value)
+
+
 def _require(hf: dict[str, Any], key: str, expected: Any, why: str) -> None:
     value = hf.get(key, expected)
     if value != expected:
@@ -114,7 +119,7 @@ def from_bamba_config(hf: dict[str, Any], vocab_size: int | None = None) -> Mode
     _require(hf, "attention_bias", False, "HybridLM's attention has no biases")
     _require(hf, "mlp_bias", False, "HybridLM's MLP has no biases")
     _require(hf, "mamba_n_groups", 1, "HybridLM's gated RMSNorm is full width (n_groups=1 only)")
-    limit = [float(x) for x in hf.get("time_step_limit") or (0.0, math.inf)]
+    limit = [_as_float(x) for x in hf.get("time_step_limit") or (0.0, math.inf)]
     if limit != [0.0, math.inf]:
         raise UnsupportedConversion(f"Bamba config time_step_limit={limit}: HybridLM does not clamp dt")
     if CONFIG_KEY in hf:

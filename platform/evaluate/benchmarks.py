@@ -136,7 +136,9 @@ def probe_offline(benchmarks: list[Benchmark], manager) -> None:
 
 def run(lm, benchmarks: list[Benchmark], *, num_fewshot: int | None = None, limit: float | None = None,
         allow_code_execution: bool = False, bootstrap_iters: int = 1000, online: bool | None = None) -> dict:
-    """Evaluate `lm` (an lm-eval LM) on `benchmarks`; returns lm-eval's results dict."""
+    """Evaluate on `benchmarks`; returns lm-eval's results dict. `lm` is an lm-eval LM or a
+    zero-argument callable that builds one: it is called only after the offline check has
+    passed, so a missing download is reported before a large model is loaded."""
     import lm_eval
     if online is None:
         online = hub_online()
@@ -149,8 +151,8 @@ def run(lm, benchmarks: list[Benchmark], *, num_fewshot: int | None = None, limi
         if not online:
             probe_offline(benchmarks, manager)
         return lm_eval.simple_evaluate(
-            model=lm, tasks=[b.task for b in benchmarks], task_manager=manager, num_fewshot=num_fewshot,
-            limit=limit, bootstrap_iters=bootstrap_iters, log_samples=False,
+            model=lm() if callable(lm) else lm, tasks=[b.task for b in benchmarks], task_manager=manager,
+            num_fewshot=num_fewshot, limit=limit, bootstrap_iters=bootstrap_iters, log_samples=False,
             confirm_run_unsafe_code=allow_code_execution)
 
 
