@@ -2,7 +2,7 @@
 throughput per stage. Saved as report.json and printed as a table."""
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import Counter
 
 from mamba_slm.platform.data.plan import CurationPlan
 
