@@ -97,9 +97,6 @@ class TrainingConfig:
             raise ValueError(f"TrainingConfig.min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]")
         if not 0.0 < self.decay_fraction <= 1.0:
             raise ValueError(f"TrainingConfig.decay_fraction={self.decay_fraction}: must be in (0, 1]")
-        if self.warmup_steps >= self.max_steps and self.max_steps > 1:
-            raise ValueError(f"TrainingConfig.warmup_steps={self.warmup_steps} must be below "
-                             f"max_steps={self.max_steps}")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.spike_factor < 0:
             raise ValueError("TrainingConfig.weight_decay, grad_clip and spike_factor must be >= 0")
         if self.spike_factor and self.spike_factor <= 1.0:

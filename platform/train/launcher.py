@@ -47,6 +47,7 @@ def resolve_job(training: TrainingConfig, data: DataConfig, run: RunConfig,
     if not data.path:
         from mamba_slm.platform.data import ensure_demo_data
 
+        ensure_ray(run.use_gpu)  # ours first: it forwards the workers' output to this console
         data = dataclasses.replace(data, path=str(ensure_demo_data()))
     if not is_uri(data.path):
         data = dataclasses.replace(data, path=str(Path(data.path).resolve()))
@@ -96,7 +97,8 @@ def run_pretraining(job: JobSpec) -> TrainResult:
 
     run = job.run
     local_mode = run.num_workers == 0
-    ensure_ray(run.use_gpu)
+    if not local_mode:  # local mode runs the loop in this process, no cluster needed
+        ensure_ray(run.use_gpu)
     workers = (run.min_workers, run.num_workers) if run.min_workers else run.num_workers
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -108,7 +110,8 @@ def run_pretraining(job: JobSpec) -> TrainResult:
         run_config=ray.train.RunConfig(
             name=run.name, storage_path=run.storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=run.max_failures)),
+            failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )
     result = trainer.fit()
     metrics = read_metrics(Path(run.output_dir))
@@ -116,3 +119,23 @@ def run_pretraining(job: JobSpec) -> TrainResult:
     return TrainResult(run_dir=str(Path(run.storage_path) / run.name), output_dir=run.output_dir,
                        checkpoint=result.checkpoint.path if result.checkpoint else None,
                        metrics=metrics, last=last, stop_reason=last.get("stop_reason", ""))
+
+
+def summarize(job: JobSpec, result: TrainResult) -> str:
+    """The lines printed when the job ends."""
+    m = result.metrics
+    lines = [f"run {job.run.name}: {len(m)} steps logged in {result.output_dir}"]
+    if m:
+        steady = [r["tokens_per_s"] for r in m[1:]] or [m[0]["tokens_per_s"]]
+        lines.append(f"  loss {m[0]['loss']:.4f} (step {m[0]['step']}) -> {m[-1]['loss']:.4f} "
+                     f"(step {m[-1]['step']}); {sum(steady) / len(steady):,.0f} tokens/s; "
+                     f"skipped steps {m[-1].get('skipped_steps', 0)}")
+    model_dir = Path(result.output_dir) / "model"
+    if model_dir.is_dir():
+        lines.append(f"  final model:     {model_dir}")
+    if (Path(result.output_dir) / "loss_curve.png").is_file():
+        lines.append(f"  loss curve:      {Path(result.output_dir) / 'loss_curve.png'}")
+    lines.append(f"  last checkpoint: {result.checkpoint}")
+    if result.stop_reason:
+        lines.append(f"  STOPPED: {result.stop_reason}")
+    return "\n".join(lines)

@@ -120,7 +120,19 @@ def setup_distributed(use_gpu: bool, local_mode: bool) -> tuple[int, int]:
             port = s.getsockname()[1]
         dist.init_process_group("nccl" if use_gpu else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                                 rank=0, world_size=1)
+        forget_deepspeed_groups()
     return rank, world
+
+
+def forget_deepspeed_groups() -> None:
+    """DeepSpeed caches sub-groups of the process group in module globals. Ray's local
+    mode destroys the group after each run, so a second in-process run (tests) must not
+    reuse groups of the dead one."""
+    from deepspeed.utils import groups
+
+    for name, value in list(vars(groups).items()):
+        if name.startswith("_") and name.isupper() and ("GROUP" in name):
+            setattr(groups, name, {} if isinstance(value, dict) else None)
 
 
 def find_resume_checkpoint(job: JobSpec, config: dict[str, Any], stack: ExitStack) -> Path | None:

@@ -1,0 +1,42 @@
+"""Pretrain a hybrid Mamba-2/attention language model on Ray Train + DeepSpeed.
+
+    python jobs/pretrain.py                      # laptop: local Ray, tiny model, demo corpus
+    python jobs/pretrain.py --print-configs      # the training presets
+    python jobs/pretrain.py --help               # every flag
+
+Under `ray job submit ... -- python jobs/pretrain.py ...` it joins that cluster
+(RAY_ADDRESS). Exit codes: 0 done, 1 training stopped or failed, 2 bad arguments.
+"""
+from __future__ import annotations
+
+import sys
+
+from mamba_slm.platform.train.cli import build_parser, configs_from_args
+from mamba_slm.platform.train.config import format_presets
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.print_configs:
+        print(format_presets())
+        return 0
+    try:
+        training, data, run = configs_from_args(args)
+        from mamba_slm.platform.train.launcher import resolve_job
+
+        job = resolve_job(training, data, run)
+        job.training.grad_accum_steps(max(1, run.num_workers))
+    except (ValueError, FileNotFoundError) as err:
+        parser.print_usage(sys.stderr)
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
+    from mamba_slm.platform.train.launcher import run_pretraining, summarize
+
+    result = run_pretraining(job)
+    print(summarize(job, result))
+    return 1 if result.stop_reason else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
