@@ -104,7 +104,7 @@ def main(argv=None) -> int:
             if spec.format != "hf":
                 discover_files(spec)
         run_curation(plan, args.output, keep_work=args.keep_work)
-    except MissingInputError as exc:
+    except (MissingInputError, ValueError) as exc:  # missing input, unusable tokenizer
         return fail(str(exc))
     print(f"done: {args.output}/manifest.json")
     return 0
