@@ -34,6 +34,11 @@ class LMOutput:
     cache: InferenceCache | None = None
 
 
+def _ce_sum(h: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(h, weight)
+    return F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
+
+
 class Block(nn.Module):
     """One layer: either mixer behind the same forward(x, seq_idx, state) interface."""
 
@@ -62,6 +67,10 @@ class HybridLM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.gradient_checkpointing = False
+        if cfg.ssm_path == "reference":
+            for module in self.modules():
+                if isinstance(module, RMSNorm):
+                    module.use_kernel = False
         self.reset_parameters()
 
     @torch.no_grad()
@@ -105,6 +114,9 @@ class HybridLM(nn.Module):
                 return_logits: bool = True) -> LMOutput:
         """input_ids (B, T) -> LMOutput(logits (B, T, V_padded), loss, cache).
 
+        With labels and return_logits=False, the loss is computed chunk by chunk and no
+        logits are returned (the training path: saves the (B*T, V) fp32 logits).
+
         seq_idx (B, T): document index per token (non-decreasing); no information flows
         between documents. labels (B, T): targets aligned with input_ids (already shifted),
         -100 ignored. cache: continue decoding from (and update) an `InferenceCache`.
@@ -121,11 +133,23 @@ class HybridLM(nn.Module):
         h = self.final_norm(h)
         if cache is not None:
             cache.seqlen += input_ids.shape[1]
+        if labels is not None and not return_logits:
+            return LMOutput(logits=None, loss=self.chunked_loss(h, labels), cache=cache)
         logits = self.lm_head(h)  # (B, T, V_padded)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-        return LMOutput(logits=logits if return_logits else None, loss=loss, cache=cache)
+        return LMOutput(logits=logits, loss=loss, cache=cache)
+
+    def chunked_loss(self, h: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 4096) -> torch.Tensor:
+        """Mean cross-entropy without materialising (B*T, V) logits: the vocabulary
+        projection and loss run per chunk of tokens and are recomputed in backward, so
+        peak memory holds one chunk's fp32 logits (Liger/Unsloth-style chunked CE)."""
+        h, labels = h.flatten(0, 1), labels.flatten()
+        total = h.new_zeros((), dtype=torch.float32)
+        for h_c, y_c in zip(h.split(chunk_tokens), labels.split(chunk_tokens)):
+            total = total + checkpoint(_ce_sum, h_c, y_c, self.lm_head.weight, use_reentrant=False)
+        return total / (labels != -100).sum().clamp(min=1)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, **sampling) -> torch.Tensor:

@@ -7,30 +7,46 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+try:  # Triton RMSNorm from mamba-ssm: saves only the input and 1/rms for backward
+    from mamba_ssm.ops.triton.layer_norm import rms_norm_fn
+except Exception:  # noqa: BLE001 - optional GPU extension
+    rms_norm_fn = None
+
 
 class RMSNorm(nn.Module):
-    """RMSNorm (Zhang & Sennrich 2019), computed in float32."""
+    """RMSNorm (Zhang & Sennrich 2019), computed in float32. On a GPU with mamba-ssm
+    installed it runs mamba-ssm's Triton kernel unless `use_kernel` is False (the model
+    sets it from `ModelConfig.ssm_path`, so "reference" means plain PyTorch everywhere)."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.use_kernel = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_kernel and rms_norm_fn is not None and x.is_cuda:
+            return rms_norm_fn(x, self.weight, None, eps=self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (self.weight * xf).to(x.dtype)
 
 
-class GatedRMSNorm(RMSNorm):
-    """Mamba-2's output norm: RMSNorm(y * silu(z)) ("norm after gate", as
-    mamba_ssm's RMSNormGated with norm_before_gate=False and transformers'
-    BambaRMSNormGated)."""
+class GatedRMSNorm(nn.Module):
+    """Mamba-2's output norm: RMSNorm(y * silu(z)) per group of `group_size` channels
+    ("norm after gate", mamba_ssm's RMSNormGated with norm_before_gate=False, which the
+    fused kernel path computes; with one group it is transformers' BambaRMSNormGated)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, group_size: int | None = None):
+        super().__init__()
+        self.eps, self.group_size = eps, group_size or dim
+        self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         xf = x.float() * F.silu(gate.float())
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * xf).to(x.dtype)
+        groups = xf.unflatten(-1, (-1, self.group_size))
+        groups = groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * groups.flatten(-2)).to(x.dtype)
 
 
 class SwiGLU(nn.Module):

@@ -26,6 +26,11 @@ try:
     from causal_conv1d import causal_conv1d_fn
 except Exception:  # noqa: BLE001 - optional GPU extension
     causal_conv1d_fn = None
+try:  # conv + SSD + gated norm + out_proj in one autograd function (mamba_ssm Mamba2's
+    # "memory-efficient path"): saves only zxbcdt and recomputes the rest in backward
+    from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined
+except Exception:  # noqa: BLE001
+    mamba_split_conv1d_scan_combined = None
 
 
 @dataclass
@@ -74,7 +79,7 @@ class Mamba2Mixer(nn.Module):
         self.D = nn.Parameter(torch.empty(self.n_heads))
         for p in (self.dt_bias, self.A_log, self.D):
             p._no_weight_decay = True
-        self.norm = GatedRMSNorm(self.d_inner, eps=cfg.norm_eps)
+        self.norm = GatedRMSNorm(self.d_inner, eps=cfg.norm_eps, group_size=self.d_inner // self.n_groups)
         self.out_proj = nn.Linear(self.d_inner, cfg.hidden_size, bias=cfg.mamba_proj_bias)
         self.out_proj._is_residual_proj = True
         self._path: str | None = None
@@ -105,7 +110,10 @@ class Mamba2Mixer(nn.Module):
                 state: MambaState | None = None) -> torch.Tensor:
         """x (B, T, hidden) -> (B, T, hidden). With `state`, continue from it and update it."""
         b, T, _ = x.shape
-        z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
+        zxbcdt = self.in_proj(x)
+        if state is None and self._fused(x.device):
+            return self._fused_forward(zxbcdt, seq_idx)
+        z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
         if state is not None and T == 1:
             return self._step(z, xBC, dt, state)
         xBC = self._conv(xBC, seq_idx, state)  # (B, T, conv_dim), after silu
@@ -124,6 +132,21 @@ class Mamba2Mixer(nn.Module):
             y = out
         y = self.norm(y.reshape(b, T, self.d_inner), z)
         return self.out_proj(y)
+
+    def _fused(self, device: torch.device) -> bool:
+        return (self.path(device) == "kernel" and causal_conv1d_fn is not None
+                and mamba_split_conv1d_scan_combined is not None)
+
+    def _fused_forward(self, zxbcdt: torch.Tensor, seq_idx) -> torch.Tensor:
+        if seq_idx is not None:
+            seq_idx = seq_idx.to(torch.int32).contiguous()
+        return mamba_split_conv1d_scan_combined(
+            zxbcdt, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias,
+            -torch.exp(self.A_log.float()), D=self.D, chunk_size=self.cfg.mamba_chunk_size,
+            seq_idx=seq_idx, activation="silu", rmsnorm_weight=self.norm.weight,
+            rmsnorm_eps=self.norm.eps, outproj_weight=self.out_proj.weight,
+            outproj_bias=self.out_proj.bias, headdim=self.head_dim, ngroups=self.n_groups,
+            norm_before_gate=False)
 
     def _conv(self, xBC: torch.Tensor, seq_idx, state: MambaState | None) -> torch.Tensor:
         x = xBC.transpose(1, 2)  # (B, conv_dim, T)

@@ -141,3 +141,29 @@ def test_sampling_is_seeded_and_varied():
                                    repetition_penalty=1.1, generator=torch.Generator().manual_seed(s))
     assert torch.equal(gen(1), gen(1))
     assert not torch.equal(gen(1), gen(2))
+
+
+def test_chunked_loss_equals_full_loss_and_gradients():
+    model = _model().train()
+    ids = torch.randint(0, 4000, (2, 50))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    full = model(ids, labels=labels).loss
+    full.backward()
+    ref = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    h_loss = model(ids, labels=labels, return_logits=False)
+    assert h_loss.logits is None
+    h = model.embed_tokens(ids)
+    torch.testing.assert_close(h_loss.loss, full)
+    torch.testing.assert_close(model.chunked_loss(model.final_norm(_hidden(model, ids)), labels, chunk_tokens=7), full)
+    h_loss.loss.backward()
+    for g_ref, p in zip(ref, model.parameters()):
+        torch.testing.assert_close(p.grad, g_ref, atol=1e-6, rtol=1e-5)
+
+
+def _hidden(model, ids):
+    h = model.embed_tokens(ids)
+    for block in model.layers:
+        h = block(h)
+    return h
