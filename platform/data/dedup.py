@@ -22,7 +22,6 @@ import numpy as np
 from mamba_slm.platform.data.plan import DedupConfig
 
 _WORD = re.compile(r"\w+")
-_MERSENNE = np.uint64((1 << 61) - 1)
 KIND_EXACT, KIND_NEAR = 0, 1
 
 
@@ -40,10 +39,14 @@ def _stable_word_hashes(words: list[str]) -> np.ndarray:
 
 
 def _permutations(cfg: DedupConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Multiply-shift hashing (Dietzfelbinger et al. 1997): h(x) = ((a*x + b) mod 2**64)
+    >> 32 with random 64-bit a (odd) and b is a universal family on 32-bit x. A small-a
+    linear hash mod a prime is NOT: a*x barely wraps, so every "permutation" keeps the
+    smallest shingle and unrelated documents collide."""
     rng = np.random.default_rng(cfg.seed)
     n = cfg.bands * cfg.rows
-    a = rng.integers(1, 1 << 31, size=n, dtype=np.uint64) | np.uint64(1)
-    b = rng.integers(0, 1 << 31, size=n, dtype=np.uint64)
+    a = rng.integers(0, np.iinfo(np.uint64).max, size=n, dtype=np.uint64, endpoint=True) | np.uint64(1)
+    b = rng.integers(0, np.iinfo(np.uint64).max, size=n, dtype=np.uint64, endpoint=True)
     return a, b
 
 
@@ -66,7 +69,7 @@ def minhash_bands(text: str, cfg: DedupConfig) -> np.ndarray:
     sig = np.full(len(a), np.iinfo(np.uint64).max, dtype=np.uint64)
     for start in range(0, len(shingles), 4096):  # bounded temporaries for long docs
         block = shingles[start:start + 4096, None]
-        sig = np.minimum(sig, ((a[None, :] * block + b[None, :]) % _MERSENNE).min(axis=0))
+        sig = np.minimum(sig, ((a[None, :] * block + b[None, :]) >> np.uint64(32)).min(axis=0))
     bands = sig.reshape(cfg.bands, cfg.rows)
     h = np.arange(1, cfg.bands + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
     for r in range(cfg.rows):

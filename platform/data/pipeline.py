@@ -11,6 +11,7 @@ For a multi-node cluster, ``output`` must be on storage every node sees.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -30,8 +31,10 @@ OUTPUT_ENTRIES = ("_work", "train", "val", "manifest.json", "report.json", "toke
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
-    """Connect to RAY_ADDRESS when set, else start a quiet local Ray. 2-core machines get
-    4 logical CPUs: Ray Data needs slack for read/write tasks (FIELD-NOTES)."""
+    """Connect to RAY_ADDRESS when set, else start a quiet local Ray of our own
+    (``address="local"``: a bare ``ray.init()`` would join any cluster some other
+    process started on this machine). 2-core machines get 4 logical CPUs: Ray Data
+    needs slack for read/write tasks (FIELD-NOTES)."""
     import ray
 
     if ray.is_initialized():
@@ -41,7 +44,8 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
     else:
-        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False, **kwargs)
+        ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
+                 **kwargs)
 
 
 def _map_chunks(stage: str, fn, chunks: list[dict], log, **kwargs) -> list:
@@ -150,6 +154,7 @@ def run_curation(plan: CurationPlan, output: str | Path, log=print, keep_work: b
     ctx = rd.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # our own per-chunk progress instead
     for entry in OUTPUT_ENTRIES:  # a fresh build: stale shards must not survive
         target = output / entry
         shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
