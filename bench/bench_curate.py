@@ -122,10 +122,10 @@ def synthetic_corpus(root: Path, megabytes: float) -> None:
         part += 1
 
 
-def peak_memory_of(cmd: list[str], env: dict) -> tuple[float, float, int]:
+def peak_memory_of(cmd: list[str], env: dict, log: Path) -> tuple[float, float, int]:
     """(peak summed PSS of the process tree in GiB, seconds, exit code)."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     root, peak, t0 = psutil.Process(proc.pid), 0, time.perf_counter()
     while proc.poll() is None:
         total = 0
@@ -152,7 +152,9 @@ def bench_memory(work: Path, mb: float) -> None:
         (work / f"plan{scale}.json").write_text(json.dumps(plan.to_dict()))
         cmd = [sys.executable, "jobs/curate.py", "--plan", str(work / f"plan{scale}.json"), "--output",
                str(work / f"out{scale}x")]
-        peak, secs, rc = peak_memory_of(cmd, env)
+        peak, secs, rc = peak_memory_of(cmd, env, work / f"log{scale}.txt")
+        if rc != 0:
+            print(f"{scale}x run failed (rc {rc}):\n" + "\n".join((work / f"log{scale}.txt").read_text().splitlines()[-15:]))
         report = json.loads((work / f"out{scale}x" / "report.json").read_text()) if rc == 0 else {}
         tokens = report.get("splits", {}).get("train", {}).get("tokens", 0)
         results.append((scale, mb * scale, peak, secs, rc, tokens))
