@@ -112,6 +112,9 @@ def build_engine(model_cfg: ModelConfig, cfg: TrainingConfig, world_size: int, u
     import deepspeed
 
     ds_config = deepspeed_config(cfg, world_size, use_gpu)
+    # Adopt the existing process group now: zero.Init checks the batch arithmetic
+    # against DeepSpeed's view of the world size.
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
     model = build_model(model_cfg, cfg, ds_config)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.weight_decay), config=ds_config,

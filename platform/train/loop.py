@@ -161,8 +161,11 @@ def train_step(engine, micro_batches: list[Batch], state: TrainState, cfg) -> St
     losses, skip_reason = [], ""
     for mb in micro_batches:
         dev = engine.device
+        # The chunked loss (return_logits=False) never holds the full (b, L, V) fp32 logits,
+        # but it applies lm_head.weight outside lm_head's forward, which ZeRO-3 has
+        # released by then (partitioned): ZeRO-3 takes the plain path.
         out = engine(mb.input_ids.to(dev), seq_idx=mb.seq_idx.to(dev), labels=mb.labels.to(dev),
-                     return_logits=False)
+                     return_logits=cfg.zero_stage == 3)
         loss = out.loss
         global_loss = mean_over_workers(loss.detach())
         losses.append(global_loss)
@@ -221,7 +224,7 @@ def step_metrics(state: TrainState, r: StepResult, elapsed: float, tokens_per_st
             "step_time_s": elapsed, "tokens_seen": state.tokens_seen,
             "sample_position": state.sample_position, "skipped": not r.applied,
             "skip_reason": r.skip_reason, "skipped_steps": state.skipped_steps,
-            "stop_reason": state.stop_reason, **memory_gb()}
+            "stop_reason": state.stop_reason, "resumed_from_step": state.resumed_from_step, **memory_gb()}
 
 
 def report(engine, job: JobSpec, config: dict[str, Any], state: TrainState, metrics: dict[str, Any],
@@ -257,8 +260,10 @@ def write_final_outputs(engine, job: JobSpec, state: TrainState, ckpt_path: Path
     checkpoint (so it reaches the storage path, e.g. a bucket), with the loss curve."""
     out = Path(job.run.output_dir)
     tokenizer = Path(job.data.path) / "tokenizer.json"
+    from .data import read_manifest
+
     meta = {"training": job.training.to_dict(), "step": state.step, "tokens_seen": state.tokens_seen,
-            "data": job.data.path}
+            "data": job.data.path, "eos_id": read_manifest(job.data.path).get("eos_id")}
     save_final_model(engine, job.model, out / "model", str(tokenizer) if tokenizer.is_file() else None,
                      meta, rank)
     if rank != 0:

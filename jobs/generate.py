@@ -1,0 +1,105 @@
+"""Sample text from a trained model.
+
+    python jobs/generate.py --checkpoint runs/quick_test-tiny/model --prompt "To be, or not"
+    python jobs/generate.py --checkpoint runs/quick_test-tiny --prompt "def main(" --temperature 0.7 --top-p 0.9
+
+--checkpoint takes a final model directory (config.json + model.safetensors), a training
+checkpoint (step_NNNNNNNN/), or a run directory (its latest checkpoint). The tokenizer is
+the model directory's tokenizer.json unless --tokenizer is given.
+Exit codes: 0 done, 2 bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python jobs/generate.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="model dir, checkpoint dir or run dir")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--tokenizer", help="tokenizer.json (default: the one beside the weights)")
+    p.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", "--top_k", type=int, default=50, help="0 = off")
+    p.add_argument("--top-p", "--top_p", type=float, default=0.95, help="nucleus mass; 1 = off")
+    p.add_argument("--repetition-penalty", "--repetition_penalty", type=float, default=1.1)
+    p.add_argument("--num-samples", "--num_samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    return p
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def find_tokenizer(checkpoint: Path) -> Path | None:
+    """tokenizer.json beside the weights, in model/, or in the training data directory."""
+    for candidate in (checkpoint / "tokenizer.json", checkpoint / "model" / "tokenizer.json"):
+        if candidate.is_file():
+            return candidate
+    for state in [checkpoint / "train_state.json", *sorted(checkpoint.glob("step_*/train_state.json"))[-1:]]:
+        if state.is_file():
+            data = Path(json.loads(state.read_text())["config"]["data"]["path"]) / "tokenizer.json"
+            if data.is_file():
+                return data
+    return None
+
+
+def eos_id_of(checkpoint: Path, tokenizer) -> int | None:
+    for cfg in (checkpoint / "config.json", checkpoint / "model" / "config.json"):
+        if cfg.is_file() and json.loads(cfg.read_text()).get("eos_id") is not None:
+            return int(json.loads(cfg.read_text())["eos_id"])
+    return tokenizer.token_to_id("<|endoftext|>")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    checkpoint = Path(args.checkpoint)
+    problems = []
+    if not checkpoint.exists():
+        problems.append(f"--checkpoint {checkpoint} does not exist")
+    if args.max_new_tokens < 1 or args.num_samples < 1 or args.temperature < 0:
+        problems.append("--max-new-tokens and --num-samples must be >= 1, --temperature >= 0")
+    if not 0 < args.top_p <= 1 or args.top_k < 0 or args.repetition_penalty <= 0:
+        problems.append("--top-p must be in (0, 1], --top-k >= 0, --repetition-penalty > 0")
+    tok_path = Path(args.tokenizer) if args.tokenizer else (find_tokenizer(checkpoint) if checkpoint.exists() else None)
+    if not problems and (tok_path is None or not tok_path.is_file()):
+        problems.append(f"no tokenizer.json found for {checkpoint}; pass --tokenizer PATH")
+    if problems:
+        parser.error("; ".join(problems))
+
+    import torch
+    from tokenizers import Tokenizer
+
+    from mamba_slm.platform.train.checkpoint import load_model
+
+    try:
+        model = load_model(checkpoint, device=args.device)
+    except FileNotFoundError as err:
+        parser.error(str(err))
+    tokenizer = Tokenizer.from_file(str(tok_path))
+    ids = tokenizer.encode(args.prompt).ids
+    if not ids:
+        parser.error("--prompt encodes to no tokens")
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    prompt = torch.tensor([ids] * args.num_samples, device=args.device)
+    out = model.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                         eos_id=eos_id_of(checkpoint, tokenizer), generator=generator)
+    for i, row in enumerate(out.tolist()):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1}")
+        print(args.prompt + tokenizer.decode(row[len(ids):]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
