@@ -121,13 +121,12 @@ def task_manager(benchmarks: list[Benchmark], workdir: str | Path):
 
 def probe_offline(benchmarks: list[Benchmark], manager) -> None:
     """Build each hub task from the local cache; raise NeedsDownload for those that can't."""
-    from lm_eval.tasks import get_task_dict
     missing = {}
     for b in benchmarks:
         if b.folder is None:
             continue
         try:
-            get_task_dict([b.task], manager)
+            manager.load([b.task])
         except Exception as exc:  # noqa: BLE001 - datasets raises several types here
             missing[b.task] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
     if missing:

@@ -79,6 +79,11 @@ def export_hf(checkpoint: str | Path, output: str | Path, tokenizer_file: str | 
     PreTrainedTokenizerFast(tokenizer_object=loaded.tokenizer, eos_token=loaded.eos_token,
                             bos_token=loaded.eos_token, pad_token=loaded.eos_token,
                             model_max_length=ours.config.max_seq_len).save_pretrained(tmp)
+    # transformers 5 names its class "TokenizersBackend", unknown to 4.x (which serving
+    # stacks such as vLLM may pin); both resolve "PreTrainedTokenizerFast".
+    tok_config = tmp / "tokenizer_config.json"
+    tok_config.write_text(json.dumps({**json.loads(tok_config.read_text()),
+                                      "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
     if dtype == "float32":
         diff = _check(max_logit_diff(ours, AutoModelForCausalLM.from_pretrained(tmp).eval()), output)
     if output.exists():
