@@ -61,26 +61,53 @@ def _load_training_checkpoint(path: Path, device: str) -> HybridLM:
             f"{path} is not a save_pretrained model directory (no {CONFIG_FILE} + {WEIGHTS_FILE}) "
             f"and the training checkpoint loader mamba_slm.platform.train.checkpoint.load_model "
             f"is not available ({exc}); pass the final model directory of a run") from exc
-    model = load_model(path)
-    return model.to(device).eval()
+    try:
+        return load_model(path, device=device).eval()
+    except FileNotFoundError as exc:
+        raise CheckpointError(str(exc)) from exc
+
+
+def _tokenizer_and_metadata(path: Path) -> tuple[Path | None, dict]:
+    """Where a checkpoint's tokenizer is: beside the weights, in a final checkpoint's
+    `model/`, or in the curated data dir named by a training checkpoint's train_state.json
+    (a run directory: its latest checkpoint's)."""
+    dirs = [path, path / "model"]
+    state_files = [path / "train_state.json"]
+    try:
+        from mamba_slm.platform.train.checkpoint import latest_checkpoint
+        latest = latest_checkpoint(path) or latest_checkpoint(path / "checkpoints")
+        if latest is not None:
+            dirs.append(latest / "model")
+            state_files.append(latest / "train_state.json")
+    except ImportError:
+        pass
+    for state_file in state_files:
+        if state_file.is_file():
+            data = json.loads(state_file.read_text()).get("config", {}).get("data", {})
+            if isinstance(data, dict) and data.get("path"):
+                dirs.append(Path(data["path"]))
+    for d in dirs:
+        if (d / TOKENIZER_FILE).is_file():
+            meta = json.loads((d / CONFIG_FILE).read_text()) if (d / CONFIG_FILE).is_file() else {}
+            return d / TOKENIZER_FILE, meta if isinstance(meta, dict) else {}
+    return None, {}
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu",
                     tokenizer_file: str | Path | None = None) -> LoadedModel:
-    """Model (fp32, eval mode, on `device`) + its tokenizer. The tokenizer is
-    `tokenizer_file` when given, else tokenizer.json in the checkpoint directory."""
+    """Model (fp32, eval mode, on `device`) + its tokenizer: `tokenizer_file` when given,
+    else the checkpoint's own (see `_tokenizer_and_metadata`)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist or is not a directory")
-    metadata = {}
     if is_pretrained_dir(path):
         model = load_pretrained(path, device=device)
-        metadata = json.loads((path / CONFIG_FILE).read_text())
     else:
         model = _load_training_checkpoint(path, device)
-    tok_path = Path(tokenizer_file) if tokenizer_file else path / TOKENIZER_FILE
-    if not tok_path.is_file():
-        raise CheckpointError(f"no tokenizer at {tok_path}: pass --tokenizer <tokenizer.json> "
+    found, metadata = _tokenizer_and_metadata(path)
+    tok_path = Path(tokenizer_file) if tokenizer_file else found
+    if tok_path is None or not tok_path.is_file():
+        raise CheckpointError(f"no tokenizer.json found for {path}: pass --tokenizer <tokenizer.json> "
                               f"(the curated data dir has one)")
     tokenizer = Tokenizer.from_file(str(tok_path))
     eos_id, eos_token = find_eos(tokenizer, metadata)
