@@ -45,6 +45,10 @@ class TrainingConfig:
     warmup_steps: int = _help("linear warmup steps", default=10)
     decay_fraction: float = _help("wsd: fraction of max_steps spent in the final decay",
                                   default=0.2)
+    schedule_steps: int = _help("steps the learning-rate schedule spans (0 = max_steps); set "
+                                "it above max_steps to train a longer run in stages, each "
+                                "stage resuming with a higher max_steps on the same schedule",
+                                default=0)
     weight_decay: float = _help("AdamW decoupled weight decay (not on 1-D params, A_log, "
                                 "D, dt_bias)", default=0.1)
     beta1: float = 0.9
@@ -76,6 +80,10 @@ class TrainingConfig:
         for name in ("warmup_steps", "checkpoint_every", "spike_warmup_steps", "seed"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"TrainingConfig.{name}={getattr(self, name)!r}: must be an integer >= 0")
+        if not isinstance(self.schedule_steps, int) or self.schedule_steps < 0 or \
+                0 < self.schedule_steps < self.max_steps:
+            raise ValueError(f"TrainingConfig.schedule_steps={self.schedule_steps!r}: must be 0 "
+                             f"(= max_steps) or >= max_steps={self.max_steps}")
         if self.max_bad_steps < 1:
             raise ValueError(f"TrainingConfig.max_bad_steps={self.max_bad_steps}: must be >= 1")
         if self.global_batch_size % self.micro_batch_size:
