@@ -47,11 +47,6 @@ def _check_exportable(cfg: ModelConfig) -> None:
             f"maths in transformers ('ntk' and this project's 'yarn' (no attention temperature) do "
             f"not); export without rope_scaling and set it in the HF config by hand if you accept "
             f"the difference")
-    if MAMBA in cfg.layer_pattern and cfg.mamba_n_groups != 1:
-        raise UnsupportedConversion(
-            f"ModelConfig.mamba_n_groups={cfg.mamba_n_groups}: this project's gated RMSNorm "
-            f"normalises over the full inner width, Bamba's per group of inner/n_groups channels; "
-            f"only mamba_n_groups=1 gives the same outputs")
 
 
 def to_bamba_config(cfg: ModelConfig, *, eos_token_id: int | None = None,
@@ -118,7 +113,6 @@ def from_bamba_config(hf: dict[str, Any], vocab_size: int | None = None) -> Mode
     _require(hf, "hidden_act", "silu", "HybridLM's MLP is SwiGLU (silu)")
     _require(hf, "attention_bias", False, "HybridLM's attention has no biases")
     _require(hf, "mlp_bias", False, "HybridLM's MLP has no biases")
-    _require(hf, "mamba_n_groups", 1, "HybridLM's gated RMSNorm is full width (n_groups=1 only)")
     limit = [_as_float(x) for x in hf.get("time_step_limit") or (0.0, math.inf)]
     if limit != [0.0, math.inf]:
         raise UnsupportedConversion(f"Bamba config time_step_limit={limit}: HybridLM does not clamp dt")
