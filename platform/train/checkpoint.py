@@ -91,25 +91,26 @@ def load_checkpoint(engine, path: Path, rank: int) -> TrainState:
     return state
 
 
-def gather_full_state_dict(engine) -> dict[str, torch.Tensor]:
-    """Collective: full fp32 CPU copies of the module's weights on every worker (ZeRO-3
-    gathers one parameter at a time, so no worker holds two full copies)."""
+def gather_full_state_dict(engine, rank: int) -> dict[str, torch.Tensor]:
+    """Collective: full fp32 CPU copies of the module's weights, kept on rank 0 only
+    (ZeRO-3 gathers one parameter at a time, so no GPU holds the whole model)."""
     import deepspeed
 
     module = engine.module
     out = {}
     for name, p in module.named_parameters():
         with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
-            out[name] = p.detach().float().cpu().clone()
-    for name, b in module.named_buffers():
-        out[name] = b.detach().cpu().clone()
+            if rank == 0:
+                out[name] = p.detach().float().cpu().clone()
+    if rank == 0:
+        out.update({name: b.detach().cpu().clone() for name, b in module.named_buffers()})
     return out
 
 
 def save_final_model(engine, model_cfg: ModelConfig, path: Path, tokenizer_file: str | None,
                      metadata: dict[str, Any], rank: int) -> None:
     """Collective: write the trained weights as a `save_pretrained` directory (rank 0)."""
-    state = gather_full_state_dict(engine)
+    state = gather_full_state_dict(engine, rank)
     if rank != 0:
         return
     with torch.device("meta"):

@@ -61,9 +61,10 @@ def deepspeed_config(cfg: TrainingConfig, world_size: int, use_gpu: bool) -> dic
         zero["stage3_gather_16bit_weights_on_model_save"] = False  # we consolidate ourselves
     adamw: dict[str, Any] = {"lr": cfg.lr, "betas": [cfg.beta1, cfg.beta2], "eps": cfg.adam_eps,
                              "weight_decay": cfg.weight_decay}
-    if not use_gpu and not cfg.offload_optimizer:
-        # torch's AdamW instead of DeepSpeed's FusedAdam, whose CPU JIT build takes ~80 s
-        # (FIELD-NOTES); offload brings DeepSpeed's CPU Adam, which is the fast one there.
+    if not cfg.offload_optimizer:
+        # torch's AdamW (multi-tensor `foreach` on GPUs) instead of DeepSpeed's FusedAdam,
+        # whose JIT build needs nvcc on GPU images and takes ~80 s on a CPU (FIELD-NOTES).
+        # Offload brings DeepSpeed's CPU Adam, the fast one for optimizer state on the host.
         adamw["torch_adam"] = True
     return {
         "train_batch_size": cfg.global_batch_size,

@@ -110,10 +110,15 @@ def setup_distributed(use_gpu: bool, local_mode: bool) -> tuple[int, int]:
         os.environ["DS_ACCELERATOR"] = "cpu"  # before DeepSpeed picks an accelerator
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    # DeepSpeed reads these even when the process group already exists.
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(ctx.get_local_rank()))
+    local_rank = ctx.get_local_rank()
     if use_gpu:
-        torch.cuda.set_device(ctx.get_local_rank() if local_mode else ray.train.torch.get_device())
+        from ray.train.torch import get_device
+
+        device = torch.device("cuda", local_rank) if local_mode else get_device()
+        torch.cuda.set_device(device)
+        local_rank = device.index  # DeepSpeed selects its device by LOCAL_RANK
+    # DeepSpeed reads these even when the process group already exists.
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
     if local_mode and not dist.is_initialized():
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

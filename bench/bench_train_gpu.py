@@ -1,0 +1,113 @@
+"""Training throughput of jobs/pretrain.py on GPUs: the 1.3B preset through Ray Train +
+DeepSpeed, ZeRO-2 on one GPU and ZeRO-3 on two, a few dozen steps each; prints tokens/s,
+tokens/s per GPU, MFU and peak memory per GPU (rank 0's) as a table.
+
+    # device machine (2 GPUs): source .whl/install.sh || exit; python bench/bench_train_gpu.py
+    python bench/bench_train_gpu.py --steps 30 --seq-len 2048 --micro-batch 4 --cases z2x1,z3x2
+
+Data: a synthetic dataset in the curated format (no corpus or hub needed), vocab 50304.
+Every case is a real `python jobs/pretrain.py` subprocess (its own local Ray), so what is
+measured is the job users run. Steps before --warmup-steps are left out of the averages
+(kernel autotuning, allocator growth). Checkpoints are removed after each case.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CASES = {"z2x1": (2, 1), "z3x1": (3, 1), "z2x2": (2, 2), "z3x2": (3, 2)}  # name -> (stage, gpus)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="1.3B")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup-steps", type=int, default=8, help="steps left out of the averages")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--micro-batch", type=int, default=4, help="sequences per GPU per micro-step")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--cases", default="z2x1,z3x2", help=f"comma list of {sorted(CASES)}")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--work-dir", default="/tmp/bench_train_gpu")
+    args = p.parse_args()
+    import torch
+
+    if not torch.cuda.is_available():
+        p.error("no CUDA device: this benchmark runs on the GPU machine")
+    work = Path(args.work_dir)
+    data = work / f"data-{args.seq_len}"
+    if not (data / "manifest.json").is_file():
+        from mamba_slm.platform.train.synthetic import write_synthetic_dataset
+
+        rows = max(256, 2 * args.steps * args.micro_batch * args.grad_accum * 2)
+        write_synthetic_dataset(data, seq_len=args.seq_len, vocab_size=50304, train_rows=rows, val_rows=8,
+                                shards=2, row_group=64)
+    rows = []
+    for case in args.cases.split(","):
+        stage, gpus = CASES[case]
+        if gpus > torch.cuda.device_count():
+            print(f"skip {case}: needs {gpus} GPUs, have {torch.cuda.device_count()}")
+            continue
+        rows.append(run_case(args, case, stage, gpus, data, work))
+    print_table(rows, torch.cuda.get_device_name(), args)
+    return 0
+
+
+def run_case(args, case: str, stage: int, gpus: int, data: Path, work: Path) -> dict:
+    name = f"bench-{case}-{int(time.time())}"
+    out = work / name
+    cmd = [sys.executable, "jobs/pretrain.py", "--training-config", "small_scale", "--size", args.size,
+           "--num-workers", str(gpus), "--use-gpu", "--zero-stage", str(stage),
+           "--global-batch-size", str(args.micro_batch * args.grad_accum * gpus),
+           "--micro-batch-size", str(args.micro_batch), "--max-steps", str(args.steps),
+           "--warmup-steps", "5", "--checkpoint-every", "0", "--data-path", str(data), "--name", name,
+           "--output-dir", str(out), "--storage-path", str(work / "storage"), "--no-wandb", "--no-plot",
+           "--log-every", "5", "--cpus-per-worker", "4"]
+    if args.activation_checkpointing:
+        cmd.append("--activation-checkpointing")
+    print("$", " ".join(cmd), flush=True)
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=REPO)
+    wall = time.time() - t0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] \
+        if (out / "metrics.jsonl").is_file() else []
+    shutil.rmtree(work / "storage", ignore_errors=True)
+    shutil.rmtree(out / "model", ignore_errors=True)
+    steady = [r for r in records if r["step"] > args.warmup_steps and not r["skipped"]]
+    if proc.returncode != 0 or not steady:
+        return {"case": case, "stage": stage, "gpus": gpus, "error": f"exit {proc.returncode}", "wall": wall}
+    tps = statistics.median(r["tokens_per_s"] for r in steady)
+    mfu = [r["mfu"] for r in steady if r["mfu"] is not None]
+    return {"case": case, "stage": stage, "gpus": gpus, "tokens_per_s": tps, "per_gpu": tps / gpus,
+            "mfu": statistics.median(mfu) if mfu else None, "step_s": statistics.median(r["step_time_s"] for r in steady),
+            "mem_alloc": max(r.get("mem_allocated_gb", 0) for r in records),
+            "mem_reserved": max(r.get("mem_reserved_gb", 0) for r in records),
+            "loss": f"{records[0]['loss']:.2f}->{records[-1]['loss']:.2f}", "wall": wall}
+
+
+def print_table(rows: list[dict], device: str, args) -> None:
+    print(f"\n{args.size}, seq {args.seq_len}, micro-batch {args.micro_batch} x accum {args.grad_accum} per GPU, "
+          f"{args.steps} steps (median over steps > {args.warmup_steps}), {device}")
+    head = f"{'case':6} {'ZeRO':>4} {'GPUs':>4} {'tokens/s':>10} {'tok/s/GPU':>10} {'MFU':>6} {'step s':>7} " \
+           f"{'alloc GB':>9} {'resv GB':>8} {'loss':>12} {'wall s':>7}"
+    print(head + "\n" + "-" * len(head))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['case']:6} {r['stage']:>4} {r['gpus']:>4}  FAILED ({r['error']}, {r['wall']:.0f}s)")
+            continue
+        mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        print(f"{r['case']:6} {r['stage']:>4} {r['gpus']:>4} {r['tokens_per_s']:>10,.0f} {r['per_gpu']:>10,.0f} "
+              f"{mfu:>6} {r['step_s']:>7.2f} {r['mem_alloc']:>9.1f} {r['mem_reserved']:>8.1f} {r['loss']:>12} "
+              f"{r['wall']:>7.0f}")
+    print("memory: peak of rank 0 (torch.cuda.max_memory_allocated / reserved)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
