@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from mamba_slm.platform.train.cli import build_parser, configs_from_args
+from mamba_slm.platform.train.cli import build_parser, configs_from_args, model_overrides_from_args
 from mamba_slm.platform.train.config import format_presets
 
 
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         training, data, run = configs_from_args(args)
         from mamba_slm.platform.train.launcher import resolve_job
 
-        job = resolve_job(training, data, run)
+        job = resolve_job(training, data, run, model_overrides_from_args(args, training))
         job.training.grad_accum_steps(max(1, run.num_workers))
     except (ValueError, FileNotFoundError) as err:
         parser.print_usage(sys.stderr)

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=sorted(TRAINING_PRESETS), help="training preset (default quick_test)")
     p.add_argument("--print-configs", "--print_configs", action="store_true",
                    help="print the training presets and exit")
+    p.add_argument("--layout-from", "--layout_from", default="", metavar="SWEEP_DIR",
+                   help="use the best layer layout of a sweep (jobs/tune_sweep.py; its "
+                        "best_layout.json), re-derived for this model's depth")
     for group, cls, title in GROUPS:
         g = p.add_argument_group(title)
         hints = typing.get_type_hints(cls)
@@ -90,3 +93,12 @@ def configs_from_args(args: argparse.Namespace) -> tuple[TrainingConfig, DataCon
     data = DataConfig(**given["data"])
     run = RunConfig(**{**preset["run"], **given["run"]})
     return training, data, run
+
+
+def model_overrides_from_args(args: argparse.Namespace, training: TrainingConfig) -> dict:
+    """ModelConfig overrides asked for by flags: the sweep layout of `--layout-from`."""
+    if not args.layout_from:
+        return {}
+    from mamba_slm.tune.layout import apply_layout
+
+    return apply_layout({}, args.layout_from, training.model_size)
