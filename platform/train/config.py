@@ -226,9 +226,9 @@ def _steps(tokens: float, batch: int, seq_len: int) -> int:
 TRAINING_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # The laptop default: tiny model, 2 CPU workers, a couple of minutes.
     "quick_test": {
-        "training": dict(model_size="tiny", max_steps=150, global_batch_size=16, micro_batch_size=8,
-                         seq_len=256, lr=3e-3, warmup_steps=15, checkpoint_every=50,
-                         zero_stage=2, token_target=150 * 16 * 256),
+        "training": dict(model_size="tiny", max_steps=100, global_batch_size=16, micro_batch_size=8,
+                         seq_len=256, lr=3e-3, warmup_steps=10, checkpoint_every=50,
+                         zero_stage=2, token_target=100 * 16 * 256),
         "run": dict(num_workers=2, use_gpu=False),
     },
     "small_scale": {  # 4 GPUs: 1.3B on 10B tokens

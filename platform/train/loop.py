@@ -15,6 +15,7 @@ batch is consumed (not retried), as in PaLM (Chowdhery et al. 2022, sec. 5.1). A
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -51,6 +52,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     "local_mode": bool, "run_dir": str}` from `launcher.run_pretraining`."""
     import ray.train
 
+    # Ray logs every report at INFO; the step lines below say the same, once.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     job = JobSpec.from_dict(config["job"], hooks=config.get("hooks"))
     rank, world = setup_distributed(job.run.use_gpu, config["local_mode"])
     tcfg = job.training
