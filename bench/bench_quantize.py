@@ -4,9 +4,11 @@ directory in fp32, bf16, INT8 and INT4 (prints a table; not a timed test).
     python bench/bench_quantize.py --checkpoint runs/final --text held_out.txt [--threads 2]
 
 - size: bytes of all weights and buffers in memory (tied tensors once).
-- prefill: median ms of one forward over (1, --prefill-len) tokens.
+- prefill: ms of one forward over (1, --prefill-len) tokens.
 - decode: tokens/s of greedy `model.generate` (KV/SSM cache) for --new-tokens tokens
   after a 32-token prompt.
+Timings are the best of --repeats rounds, the variants interleaved within each round, so
+that load from other processes on a shared machine hits them alike.
 - ppl: next-token perplexity over --max-windows windows of the model's trained context,
   taken from the held-out text (`long_document_perplexity`, the model's own forward).
 """
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,20 +36,33 @@ def variant(path: Path, name: str, group_size: int):
     return model
 
 
-@torch.no_grad()
-def measure(model, docs, prefill_len: int, new_tokens: int, max_windows: int, repeats: int) -> dict:
-    ids = torch.cat(docs)[: prefill_len][None]
+def best_time(fn, repeats: int) -> float:
+    fn()  # warm-up
     times = []
-    for _ in range(repeats + 1):  # first call warms up
+    for _ in range(repeats):
         start = time.perf_counter()
-        model(ids)
+        fn()
         times.append(time.perf_counter() - start)
-    start = time.perf_counter()
-    model.generate(ids[:, :32], max_new_tokens=new_tokens, temperature=0.0)
-    decode = new_tokens / (time.perf_counter() - start)
-    ppl = long_document_perplexity(model, docs, model.config.max_seq_len, max_windows=max_windows)
-    return {"bytes": weights_nbytes(model), "prefill_ms": 1e3 * statistics.median(times[1:]),
-            "decode_tok_s": decode, "ppl": ppl["ppl"], "ppl_tokens": ppl["tokens"]}
+    return min(times)
+
+
+@torch.no_grad()
+def measure(models: dict, docs, prefill_len: int, new_tokens: int, max_windows: int, repeats: int) -> dict:
+    ids = torch.cat(docs)[: prefill_len][None]
+    prefill = {name: [] for name in models}
+    decode = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            prefill[name].append(best_time(lambda: model(ids), 1))
+            decode[name].append(best_time(
+                lambda: model.generate(ids[:, :32], max_new_tokens=new_tokens, temperature=0.0), 1))
+    rows = {}
+    for name, model in models.items():
+        ppl = long_document_perplexity(model, docs, model.config.max_seq_len, max_windows=max_windows)
+        rows[name] = {"bytes": weights_nbytes(model), "prefill_ms": 1e3 * min(prefill[name]),
+                      "decode_tok_s": new_tokens / min(decode[name]), "ppl": ppl["ppl"],
+                      "ppl_tokens": ppl["tokens"]}
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,10 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_model_dir(args.checkpoint)
     texts = [t.read_text(encoding="utf-8", errors="replace") for t in args.text]
     docs = tokenize_documents(loaded.tokenizer, texts, loaded.eos_id)
-    rows = {}
-    for name in args.variants:
-        rows[name] = measure(variant(args.checkpoint, name, args.group_size), docs, args.prefill_len,
-                             args.new_tokens, args.max_windows, args.repeats)
+    models = {name: variant(args.checkpoint, name, args.group_size) for name in args.variants}
+    rows = measure(models, docs, args.prefill_len, args.new_tokens, args.max_windows, args.repeats)
     base = rows.get("fp32", next(iter(rows.values())))
     print(f"{'variant':<8}{'MiB':>9}{'size':>7}{'prefill ms':>12}{'speedup':>9}{'decode tok/s':>14}"
           f"{'ppl':>10}{'d ppl':>9}")
