@@ -36,11 +36,12 @@ import numpy as np
 import torch
 
 from mamba_slm.model.io import TOKENIZER_FILE, load_config, load_pretrained, save_pretrained
+from mamba_slm.platform.evaluate.checkpoint import find_eos
 from mamba_slm.platform.train.config import TrainingConfig
 from mamba_slm.platform.train.data import Batch
 
 from .chat import encode_conversation, load_chat_jsonl
-from .loading import check_model_dir, find_eos
+from .loading import check_model_dir
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
                 "in_proj", "out_proj")
@@ -93,7 +94,7 @@ def tokenize_chats(job: FinetuneJob) -> tuple[list[tuple[list[int], list[int]]],
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(Path(job.checkpoint) / TOKENIZER_FILE))
-    eos = find_eos(tokenizer, json.loads((Path(job.checkpoint) / "config.json").read_text()))
+    eos, _ = find_eos(tokenizer, json.loads((Path(job.checkpoint) / "config.json").read_text()))
     limit = job.max_seq_len or load_config(job.checkpoint).max_seq_len
     examples = []
     for messages in load_chat_jsonl(job.data):

@@ -10,10 +10,9 @@ from tokenizers import Tokenizer
 
 from mamba_slm.model import HybridLM
 from mamba_slm.model.io import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load_pretrained
+from mamba_slm.platform.evaluate.checkpoint import find_eos
 
 from .quantize import is_quantized_dir, load_quantized
-
-EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
 
 
 @dataclass
@@ -23,22 +22,6 @@ class LoadedModel:
     eos_id: int
     path: Path
     quantized: bool
-
-
-def find_eos(tokenizer: Tokenizer, metadata: dict) -> int:
-    """config.json's `eos_id` when present, else a usual end-of-text name, else the
-    tokenizer's only special token (the curation's BPE has exactly one)."""
-    if isinstance(metadata.get("eos_id"), int):
-        return metadata["eos_id"]
-    for name in EOS_CANDIDATES:
-        idx = tokenizer.token_to_id(name)
-        if idx is not None:
-            return idx
-    specials = [t for t in tokenizer.get_added_tokens_decoder().values() if t.special]
-    if len(specials) == 1:
-        return tokenizer.token_to_id(specials[0].content)
-    raise ValueError(f"cannot tell the tokenizer's end-of-text token (tried {EOS_CANDIDATES} and a single "
-                     f"special token); add \"eos_id\": <id> to config.json")
 
 
 def check_model_dir(path: str | Path) -> Path:
@@ -69,4 +52,5 @@ def load_model_dir(path: str | Path, **config_overrides) -> LoadedModel:
     if tokenizer.get_vocab_size() > model.config.padded_vocab_size:
         raise ValueError(f"{path}: tokenizer has {tokenizer.get_vocab_size()} tokens but the model only "
                          f"{model.config.padded_vocab_size} embeddings")
-    return LoadedModel(model, tokenizer, find_eos(tokenizer, metadata), path, quantized)
+    eos_id, _ = find_eos(tokenizer, metadata)  # config.json's eos_id, else the usual names
+    return LoadedModel(model, tokenizer, eos_id, path, quantized)

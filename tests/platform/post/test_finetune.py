@@ -66,6 +66,7 @@ def assistant_loss(model, job_examples) -> float:
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_finetune_job_two_workers(ray_cluster, tiny_model_dir, tmp_path, repo_root):
     out = tmp_path / "sft"
     proc = subprocess.run(
