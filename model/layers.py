@@ -71,7 +71,7 @@ def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict | None, max_seq_l
     - ntk: base theta * s^(d/(d-2)) ("NTK-aware" scaling, bloc97 2023).
     - yarn: per-frequency blend of interpolation and extrapolation between the
       beta_fast/beta_slow wavelengths (Peng et al. 2023, YaRN, without the attention
-      temperature); original context = max_seq_len.
+      temperature); the trained context is scaling["original_max_seq_len"], else max_seq_len.
     """
     exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim
     if not scaling:
@@ -84,7 +84,9 @@ def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict | None, max_seq_l
     if kind == "yarn":
         inv = 1.0 / theta ** exponents
         beta_fast, beta_slow = float(scaling.get("beta_fast", 32)), float(scaling.get("beta_slow", 1))
-        rotations = max_seq_len * inv / (2 * math.pi)  # turns each frequency makes over the context
+        # turns each frequency makes over the context the model was trained at
+        original = float(scaling.get("original_max_seq_len", max_seq_len))
+        rotations = original * inv / (2 * math.pi)
         ramp = ((rotations - beta_slow) / (beta_fast - beta_slow)).clamp(0, 1)  # 1: keep, 0: interpolate
         return inv / factor * (1 - ramp) + inv * ramp
     raise ValueError(f"rope_scaling type {kind!r}; expected 'linear', 'ntk' or 'yarn'")
