@@ -34,9 +34,9 @@ class SweepResults:
     unfinished: int
 
 
-def collect_results(cfg: SweepConfig, grid=None) -> SweepResults:
-    """One row per trial of the experiment in `cfg.output_dir` (`grid` is unused: the
-    experiment directory is the record, so a report can be rebuilt from it alone)."""
+def collect_results(cfg: SweepConfig) -> SweepResults:
+    """One row per trial of the Tune experiment in `cfg.output_dir` (the directory is the
+    record: the report of an interrupted or remote sweep can be rebuilt from it alone)."""
     from ray.tune import ExperimentAnalysis
 
     analysis = ExperimentAnalysis(cfg.output_dir, default_metric="val_loss", default_mode="min")
@@ -121,6 +121,7 @@ def best_layout(cfg: SweepConfig, results: SweepResults) -> dict[str, Any]:
              and r["step"] == best["step"] and r["val_loss"] is not None]
     rule_best = min(rules, key=_loss) if rules else None
     d = {"format": LAYOUT_FORMAT, "sweep": cfg.name, "proxy": cfg.proxy, "metric": "val_loss",
+         "complete": results.unfinished == 0,  # False: best so far of an interrupted sweep
          **_layout_entry(best),
          "model_overrides": {k.split(".", 1)[1]: best[k] for k in best if k.startswith("model.")},
          "training": {"lr": best["lr"], "warmup_steps": best["warmup_steps"], "steps": cfg.steps,
@@ -148,8 +149,10 @@ def plot_sweep(cfg: SweepConfig, results: SweepResults, path: Path) -> bool:
 
     layouts = sorted({r["layout"] for r in rows})
     colors = {name: plt.get_cmap("tab10")(i) for i, name in enumerate(layouts)}
+    # Small horizontal offsets keep placements at the same attention fraction apart.
+    offset = {name: 0.006 * (i - len(layouts) / 2) for i, name in enumerate(layouts)}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for i, name in enumerate(layouts):
+    for name in layouts:
         mine = [r for r in rows if r["layout"] == name]
         for full in (True, False):
             pts = [r for r in mine if r["full_budget"] == full]
@@ -157,13 +160,12 @@ def plot_sweep(cfg: SweepConfig, results: SweepResults, path: Path) -> bool:
                 continue
             style = dict(color=colors[name], s=36, label=name if full or not any(r["full_budget"] for r in mine) else None,
                          facecolors=colors[name] if full else "none", edgecolors=colors[name])
-            # Small horizontal offsets keep placements at the same fraction apart.
-            axes[0].scatter([r["attn_fraction"] + 0.006 * (i - len(layouts) / 2) for r in pts],
+            axes[0].scatter([r["attn_fraction"] + offset[name] for r in pts],
                             [r["val_loss"] for r in pts], **style)
             axes[1].scatter([r["lr"] for r in pts], [r["val_loss"] for r in pts], **{**style, "label": None})
     if results.best is not None:
         b = results.best
-        axes[0].scatter([b["attn_fraction"]], [b["val_loss"]], marker="*", s=220, color="gold",
+        axes[0].scatter([b["attn_fraction"] + offset[b["layout"]]], [b["val_loss"]], marker="*", s=220, color="gold",
                         edgecolors="black", zorder=3, label=f"best {b['layer_pattern']}")
         axes[1].scatter([b["lr"]], [b["val_loss"]], marker="*", s=220, color="gold", edgecolors="black", zorder=3)
     axes[0].set_xlabel("attention fraction of layers")

@@ -159,8 +159,10 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, log=print) -> SweepRun:
         f"{'ASHA' if cfg.asha else 'no early stopping'}; per trial {trial_resources(cfg).bundles}"
         f"{f' + {cfg.workers_per_trial} Ray Train workers' if cfg.workers_per_trial else ''}; "
         f"{'resuming ' if resume else ''}in {cfg.output_dir}")
-    grid = build_tuner(cfg, resume).fit()
-    results = collect_results(cfg, grid)
+    tuner = build_tuner(cfg, resume)
+    tuner.fit()
+    del tuner  # its wandb callback's finaliser must run while Ray is still importable
+    results = collect_results(cfg)
     write_results(cfg, results, log=log)
     interrupted = results.unfinished > 0
     if interrupted:
