@@ -74,10 +74,21 @@ def build_parser() -> argparse.ArgumentParser:
             else:
                 kwargs["type"] = kind
                 kwargs["metavar"] = {int: "N", float: "X", str: "TEXT"}.get(kind, "V")
+            if f.name == "checkpoint_every":
+                kwargs.update(type=checkpoint_every_arg, metavar="N|auto")
             if f.name == "zero_stage":
                 kwargs["choices"] = (2, 3)
             g.add_argument(*_flags(group, f.name), **kwargs)
     return p
+
+
+def checkpoint_every_arg(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of steps or 'auto'") from None
 
 
 def configs_from_args(args: argparse.Namespace) -> tuple[TrainingConfig, DataConfig, RunConfig]:
@@ -92,6 +103,9 @@ def configs_from_args(args: argparse.Namespace) -> tuple[TrainingConfig, DataCon
     training = TrainingConfig.from_name(args.training_config, **given["training"])
     data = DataConfig(**given["data"])
     run = RunConfig(**{**preset["run"], **given["run"]})
+    if training.checkpoint_every == "auto" and not run.preemptions_per_hour > 0:
+        raise ValueError("--checkpoint-every auto needs --preemptions-per-hour X > 0 (the expected "
+                         "preemptions per node-hour of your capacity, e.g. 0.05 for spot GPUs)")
     return training, data, run
 
 

@@ -63,8 +63,9 @@ class TrainingConfig:
     activation_checkpointing: bool = _help("recompute block activations in backward",
                                            default=False)
     seed: int = _help("seed of the weights and of the data order", default=1234)
-    checkpoint_every: int = _help("save a checkpoint every N steps (0 = only at the end)",
-                                  default=50)
+    checkpoint_every: int | str = _help("save a checkpoint every N steps (0 = only at the end), "
+                                        "or 'auto': the Young/Daly interval from the measured "
+                                        "write time and --preemptions-per-hour", default=50)
     max_bad_steps: int = _help("stop (with a checkpoint) after this many skipped steps in "
                                "a row", default=5)
     spike_factor: float = _help("a step whose loss exceeds this x the running mean is "
@@ -77,7 +78,11 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         for name in ("max_steps", "global_batch_size", "micro_batch_size", "seq_len"):
             _positive_int(self, name)
-        for name in ("warmup_steps", "checkpoint_every", "spike_warmup_steps", "seed"):
+        if self.checkpoint_every != "auto" and (not isinstance(self.checkpoint_every, int)
+                                                or self.checkpoint_every < 0):
+            raise ValueError(f"TrainingConfig.checkpoint_every={self.checkpoint_every!r}: must be "
+                             "an integer >= 0 or 'auto'")
+        for name in ("warmup_steps", "spike_warmup_steps", "seed"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"TrainingConfig.{name}={getattr(self, name)!r}: must be an integer >= 0")
         if not isinstance(self.schedule_steps, int) or self.schedule_steps < 0 or \
@@ -181,6 +186,18 @@ class RunConfig:
     log_every: int = _help("print a console line every N steps (every step goes to Ray, "
                            "wandb and metrics.jsonl)", default=10)
     keep_checkpoints: int = _help("keep the newest N checkpoints in storage", default=3)
+    # Spot capacity (mamba_slm.platform.fault).
+    preemption_notices: str = _help("preemption notices to act on, comma-separated: sigterm, aws "
+                                    "(EC2 spot/instance-action), gcp (GCE preempted); '' = none",
+                                    default="sigterm")
+    preemption_grace_s: float = _help("after a notice, finish the step, checkpoint and exit within "
+                                      "this many seconds (match the pod's grace period)", default=30.0)
+    notice_poll_s: float = _help("poll the cloud notice endpoints every X seconds", default=5.0)
+    aws_metadata_url: str = _help("EC2 metadata endpoint (default http://169.254.169.254)", default="")
+    gcp_metadata_url: str = _help("GCE metadata endpoint (default http://metadata.google.internal)",
+                                  default="")
+    preemptions_per_hour: float = _help("expected preemptions per node-hour, for "
+                                        "--checkpoint-every auto", default=0.0)
 
     def __post_init__(self) -> None:
         if self.num_workers < 0 or self.min_workers < 0 or self.max_failures < 0:
@@ -189,6 +206,12 @@ class RunConfig:
             raise ValueError(f"RunConfig.min_workers={self.min_workers} exceeds num_workers={self.num_workers}")
         if self.log_every < 1 or self.keep_checkpoints < 1:
             raise ValueError("RunConfig.log_every and keep_checkpoints must be >= 1")
+        if self.preemption_grace_s <= 0 or self.notice_poll_s <= 0 or self.preemptions_per_hour < 0:
+            raise ValueError("RunConfig.preemption_grace_s and notice_poll_s must be > 0, "
+                             "preemptions_per_hour >= 0")
+        from mamba_slm.platform.fault.preemption import build_notices
+
+        build_notices(self.preemption_notices)  # raises ValueError naming a bad kind
         if self.cpus_per_worker <= 0:
             raise ValueError(f"RunConfig.cpus_per_worker={self.cpus_per_worker}: must be > 0")
 

@@ -30,8 +30,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .checkpoint import (check_architecture, checkpoint_dir_name, latest_checkpoint, load_checkpoint,
-                         read_train_state, save_checkpoint, save_final_model)
+from mamba_slm.platform.fault.integrity import (latest_good_checkpoint, prune_checkpoints, publish_atomically,
+                                                temporary_dir_for, verify_checkpoint)
+from mamba_slm.platform.fault.worker import WorkerFaultTolerance
+
+from .checkpoint import (check_architecture, checkpoint_dir_name, load_checkpoint, read_train_state,
+                         save_checkpoint, save_final_model)
 from .data import Batch, PackedSampleReader, StepBatches
 from .metrics import MetricsLogger, memory_gb, peak_flops_per_device, plot_loss_curve
 from .schedule import lr_at
@@ -66,34 +70,43 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
         engine, _ = build_engine(job.model, tcfg, world, job.run.use_gpu)
         state = load_checkpoint(engine, resume_dir, rank) if resume_dir is not None else TrainState()
+        ft = WorkerFaultTolerance(tcfg, job.run, rank, world, resume_dir)  # reads the ledger
     logger = None
     if rank == 0:
         logger = MetricsLogger(Path(job.run.output_dir), job.to_dict(), job.run.name, tcfg.max_steps,
                                job.run.wandb, job.run.wandb_project, job.run.log_every)
         logger.message(describe_start(job, engine, world, state))
+        ft.message = logger.message
     batches = StepBatches(reader, tcfg.global_batch_size, tcfg.micro_batch_size, rank, world)
     peak = peak_flops_per_device(job.run.use_gpu, resolve_precision(tcfg, job.run.use_gpu))
     flops_per_token = meta_model(job).flops_per_token(reader.seq_len)
     try:
         while state.step < tcfg.max_steps and not state.stop_reason:
             t0 = time.perf_counter()
-            result = train_step(engine, batches.get(state.sample_position), state, tcfg)
+            micro_batches = batches.get(state.sample_position)
+            result = train_step(engine, micro_batches, state, tcfg)
             if job.run.use_gpu:
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - t0
             advance(state, result, tcfg, reader.seq_len)
+            ft.record(micro_batches)
             for hook in job.hooks:
                 hook.on_step_end(state, rank)
+            preempted = ft.after_step(state, elapsed)  # collective: all workers agree
             metrics = step_metrics(state, result, elapsed, tcfg.tokens_per_step(reader.seq_len),
                                    flops_per_token, peak, world)
+            metrics["preempted"] = ft.preempted
             if logger is not None:
                 logger.log(metrics)
-            report(engine, job, config, state, metrics, rank, logger)
+            report(engine, job, config, state, metrics, rank, logger, ft)
+            if preempted:
+                break
     finally:
+        ft.close()
         batches.close()
         if logger is not None:
             finish(logger, job, state)
-    return {"step": state.step, "stop_reason": state.stop_reason}
+    return {"step": state.step, "stop_reason": state.stop_reason, "preempted": ft.preempted}
 
 
 def meta_model(job: JobSpec):
@@ -149,16 +162,24 @@ def find_resume_checkpoint(job: JobSpec, config: dict[str, Any], stack: ExitStac
     import ray.train
 
     if config["local_mode"]:
-        found = latest_checkpoint(config["run_dir"])
+        found = latest_good_checkpoint(config["run_dir"])
     else:
         ckpt = ray.train.get_checkpoint()
         found = Path(stack.enter_context(ckpt.as_directory())) if ckpt is not None else None
+        if found is not None and verify_checkpoint(found):  # torn or corrupt: the previous good one
+            newest = found
+            found = latest_good_checkpoint(config["run_dir"], newest=newest)
+            if found is None:
+                raise RuntimeError(f"checkpoint {newest} is damaged and no older intact one is in "
+                                   f"{config['run_dir']}; resume from a copy with --resume-from")
     if found is None and job.run.resume_from:
         found = Path(job.run.resume_from)
-        if not (found / "train_state.json").is_file():
-            found = latest_checkpoint(found)
+        if (found / "train_state.json").is_file():
+            found = latest_good_checkpoint(found.parent, newest=found)
+        else:
+            found = latest_good_checkpoint(found)
         if found is None:
-            raise FileNotFoundError(f"--resume-from {job.run.resume_from}: no checkpoint there")
+            raise FileNotFoundError(f"--resume-from {job.run.resume_from}: no intact checkpoint there")
     return found
 
 
@@ -236,26 +257,34 @@ def step_metrics(state: TrainState, r: StepResult, elapsed: float, tokens_per_st
 
 
 def report(engine, job: JobSpec, config: dict[str, Any], state: TrainState, metrics: dict[str, Any],
-           rank: int, logger: MetricsLogger | None) -> None:
+           rank: int, logger: MetricsLogger | None, ft: WorkerFaultTolerance) -> None:
     """Every worker reports every step (Ray requires the same number of calls);
-    checkpoint steps attach each worker's files, which Ray merges into one directory."""
+    checkpoint steps attach each worker's files, which Ray merges into one directory.
+    A checkpoint is sealed (ledger + checksums, platform/fault) before it is published;
+    in local mode it is written under a temporary name and renamed into place."""
     import ray.train
 
     cfg = job.training
     final = state.step >= cfg.max_steps or bool(state.stop_reason) or state.stop_requested
     if state.stop_requested and not state.stop_reason:
         state.stop_reason = "stop requested by a hook"
-    save = final or state.checkpoint_requested or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0)
+    save = final or state.checkpoint_requested or ft.checkpoint_due(state.step)
     if not save:
         ray.train.report(metrics)
         return
     state.checkpoint_requested = False
     name = checkpoint_dir_name(state.step)
     local_mode = config["local_mode"]
-    path = Path(config["run_dir"]) / name if local_mode else Path(tempfile.mkdtemp(prefix=f"{name}-"))
+    t0 = time.perf_counter()
+    path = temporary_dir_for(Path(config["run_dir"]) / name) if local_mode else Path(tempfile.mkdtemp(prefix=f"{name}-"))
     save_checkpoint(engine, state, job.to_dict(), path, rank)
     if final:
         write_final_outputs(engine, job, state, path, rank, logger)
+    ft.seal(path, state)
+    if local_mode:
+        path = publish_atomically(path, Path(config["run_dir"]) / name)
+        prune_checkpoints(config["run_dir"], job.run.keep_checkpoints)
+    ft.checkpoint_written(state.step, time.perf_counter() - t0)
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)),
                      checkpoint_dir_name=name)
     if not local_mode:
