@@ -27,7 +27,7 @@ API_VERSION = "ray.io/v1"
 PROJECT_DIR = "/app"  # where cluster/Dockerfile puts the project in the image
 HEAD_CONTAINER, WORKER_CONTAINER, SUBMITTER_CONTAINER = "ray-head", "ray-worker", "submitter"
 # Runtime-env working_dir excludes: data and run outputs never ride along with the code.
-WORKING_DIR_EXCLUDES = [".git", ".venv", "data", "outputs", "wandb", "*.parquet",
+WORKING_DIR_EXCLUDES = [".git", ".venv", "data", "runs", "outputs", "wandb", "*.parquet",
                         "*.safetensors", "*.pt", "*.bin"]
 
 

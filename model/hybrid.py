@@ -34,11 +34,6 @@ class LMOutput:
     cache: InferenceCache | None = None
 
 
-def _ce_sum(h: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(h, weight)
-    return F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
-
-
 class Block(nn.Module):
     """One layer: either mixer behind the same forward(x, seq_idx, state) interface."""
 
@@ -148,8 +143,14 @@ class HybridLM(nn.Module):
         h, labels = h.flatten(0, 1), labels.flatten()
         total = h.new_zeros((), dtype=torch.float32)
         for h_c, y_c in zip(h.split(chunk_tokens), labels.split(chunk_tokens)):
-            total = total + checkpoint(_ce_sum, h_c, y_c, self.lm_head.weight, use_reentrant=False)
+            total = total + checkpoint(self._ce_sum, h_c, y_c, use_reentrant=False)
         return total / (labels != -100).sum().clamp(min=1)
+
+    def _ce_sum(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # Through lm_head's own forward, also when recomputed in backward, so that ZeRO-3's
+        # module hooks gather its (partitioned) weight each time.
+        logits = self.lm_head(h)
+        return F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, **sampling) -> torch.Tensor:

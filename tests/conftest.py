@@ -35,6 +35,19 @@ def _ray_bin() -> str:
     return str(Path(sys.executable).with_name("ray"))
 
 
+def _wait_for_job_agent(dashboard: str, timeout_s: float = 90.0) -> None:
+    """Right after `ray start`, job submission fails with "No available agent" until the
+    dashboard's job agent is up; wait for it once here rather than retrying in tests."""
+    import time
+    deadline = time.monotonic() + timeout_s
+    while True:
+        probe = subprocess.run([_ray_bin(), "job", "list", "--address", dashboard],
+                               capture_output=True, text=True, env={**os.environ})
+        if probe.returncode == 0 or time.monotonic() > deadline:
+            return
+        time.sleep(2)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """Start a head node (4 logical CPUs on 2 cores: Ray Data needs slack, FIELD-NOTES)
@@ -49,6 +62,7 @@ def ray_cluster():
          f"--dashboard-port={DASHBOARD_PORT}", "--disable-usage-stats"],
         check=True, capture_output=True, env={**os.environ},
     )
+    _wait_for_job_agent(f"http://127.0.0.1:{DASHBOARD_PORT}")
     os.environ["RAY_ADDRESS"] = address
     ray.init(address=address, log_to_driver=False, logging_level="ERROR")
     try:
