@@ -56,8 +56,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     "local_mode": bool, "run_dir": str}` from `launcher.run_pretraining`."""
     import ray.train
 
-    # Ray logs every report at INFO; the step lines below say the same, once.
+    # Ray logs every report at INFO; the step lines below say the same, once. Ray 2.60's
+    # Train V2 names that logger by its file path, not by module.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:
+        from ray.train.v2._internal.execution import context as _train_context
+        logging.getLogger(_train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # another Ray version: its report lines stay
+        pass
     job = JobSpec.from_dict(config["job"], hooks=config.get("hooks"))
     rank, world = setup_distributed(job.run.use_gpu, config["local_mode"])
     tcfg = job.training
