@@ -1,0 +1,89 @@
+"""A randomized fault campaign against a real training run (what `jobs/chaos.py` runs).
+
+One tiny run on Ray Train is submitted again and again until it finishes; before it
+starts, a seeded plan scatters faults over its steps:
+
+- crash: SIGKILL a random worker after a step (Ray Train restarts the worker group
+  from the latest checkpoint, within the FailureConfig retry budget);
+- preempt: SIGTERM a random worker (the run checkpoints and ends; it is resubmitted,
+  as a job controller would);
+- corrupt: after a preempted submission, damage the newest checkpoint (resume must
+  fall back to the previous good one).
+
+A fault is *survived* when the run still finished afterwards. Samples lost / repeated
+come from the final checkpoint's ledger (platform/fault/ledger.py).
+"""
+from __future__ import annotations
+
+import random
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from .inject import SignalAtSteps, fired
+from .integrity import checkpoints_newest_first
+from .ledger import audit_checkpoint
+
+
+@dataclass
+class ChaosReport:
+    injected: int
+    survived: int
+    lost: int
+    repeated: int
+    finished: bool
+    submissions: int
+    events: list[str]
+
+    def line(self) -> str:
+        return (f"faults injected {self.injected}, survived {self.survived}, "
+                f"samples lost {self.lost}, repeated {self.repeated}")
+
+
+def plan_faults(seed: int, steps: int, crashes: int, preemptions: int, workers: int):
+    rng = random.Random(seed)
+    chosen = rng.sample(range(1, steps + 1), crashes + preemptions)
+    crash = sorted((s, rng.randrange(workers)) for s in chosen[:crashes])
+    preempt = sorted((s, rng.randrange(workers)) for s in chosen[crashes:])
+    return crash, preempt
+
+
+def corrupt_newest(run_dir: Path, rng: random.Random) -> str:
+    newest = checkpoints_newest_first(run_dir)[0]
+    victim = max((p for p in newest.rglob("*.pt")), key=lambda p: p.stat().st_size)
+    with open(victim, "r+b") as f:
+        f.truncate(rng.randrange(1, victim.stat().st_size))
+    return f"corrupted {newest.name}/{victim.relative_to(newest)}"
+
+
+def run_chaos(job_factory, out: Path, seed: int, steps: int, crashes: int, preemptions: int,
+              workers: int, log=print) -> ChaosReport:
+    """`job_factory(hooks, max_failures)` -> JobSpec of the same run (same name/storage)."""
+    from mamba_slm.platform.train.launcher import run_pretraining
+
+    rng = random.Random(seed + 1)
+    crash, preempt = plan_faults(seed, steps, crashes, preemptions, workers)
+    log(f"plan (seed {seed}): SIGKILL (step, rank) {crash}; SIGTERM (step, rank) {preempt}")
+    markers = out / "faults"
+    hooks = ([SignalAtSteps([s], markers / f"kill-r{r}", rank=r, sig=signal.SIGKILL) for s, r in crash]
+             + [SignalAtSteps([s], markers / f"term-r{r}", rank=r, sig=signal.SIGTERM) for s, r in preempt])
+    events, corruptions, submissions, result = [], 0, 0, None
+    for submissions in range(1, preemptions + 2 + 1):
+        job = job_factory(hooks, crashes)
+        result = run_pretraining(job)
+        last = result.last
+        events.append(f"submission {submissions}: ended at step {last.get('step')} "
+                      f"(resumed from {last.get('resumed_from_step')}, preempted: {last.get('preempted') or 'no'})")
+        log(events[-1])
+        if last.get("step") == steps and not last.get("preempted"):
+            break
+        if last.get("preempted") and rng.random() < 0.5:
+            events.append(corrupt_newest(Path(result.run_dir), rng))
+            corruptions += 1
+            log(events[-1])
+    finished = bool(result and result.last.get("step") == steps)
+    injected = sum(len(fired(d)) for d in markers.glob("*")) + corruptions
+    audit = audit_checkpoint(Path(result.run_dir) / f"step_{steps:08d}") if finished else None
+    return ChaosReport(injected=injected, survived=injected if finished else 0,
+                       lost=audit.lost if audit else -1, repeated=audit.repeated if audit else -1,
+                       finished=finished, submissions=submissions, events=events)
