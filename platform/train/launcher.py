@@ -100,25 +100,46 @@ def run_pretraining(job: JobSpec) -> TrainResult:
     if not local_mode:  # local mode runs the loop in this process, no cluster needed
         ensure_ray(run.use_gpu)
     workers = (run.min_workers, run.num_workers) if run.min_workers else run.num_workers
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"job": job.to_dict(), "hooks": job.hooks, "local_mode": local_mode,
-                           "run_dir": str(Path(run.storage_path) / run.name)},
-        torch_config=TorchConfig(backend="nccl" if run.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=run.use_gpu,
-                                               resources_per_worker={"CPU": run.cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=run.name, storage_path=run.storage_path,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
-            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
-    )
-    result = trainer.fit()
+    def make_trainer() -> TorchTrainer:  # a fresh trainer per submission (fit_with_resubmission)
+        return TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"job": job.to_dict(), "hooks": job.hooks, "local_mode": local_mode,
+                               "run_dir": str(Path(run.storage_path) / run.name)},
+            torch_config=TorchConfig(backend="nccl" if run.use_gpu else "gloo"),
+            scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=run.use_gpu,
+                                                   resources_per_worker={"CPU": run.cpus_per_worker}),
+            run_config=ray.train.RunConfig(
+                name=run.name, storage_path=run.storage_path,
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.keep_checkpoints),
+                failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
+                logging_config=ray.train.LoggingConfig(log_level="WARNING")),
+        )
+    result = fit_with_resubmission(make_trainer, run.max_failures)
     metrics = read_metrics(Path(run.output_dir))
     last = result.metrics or (metrics[-1] if metrics else {})
     return TrainResult(run_dir=str(Path(run.storage_path) / run.name), output_dir=run.output_dir,
                        checkpoint=result.checkpoint.path if result.checkpoint else None,
                        metrics=metrics, last=last, stop_reason=last.get("stop_reason", ""))
+
+
+def fit_with_resubmission(make_trainer, max_failures: int):
+    """`trainer.fit()`, resubmitted when Ray Train's controller itself fails.
+
+    Ray 2.60 retries worker failures within `FailureConfig(max_failures)`, but when a
+    killed worker takes its peers down while the controller replaces it, the controller
+    can fail with `ActorUnavailableError`, a non-retryable `ControllerError` (seen in
+    the chaos runs of platform/fault). A resubmission of the same run resumes from its
+    latest checkpoint, exactly as after a worker restart; it shares the retry budget."""
+    from ray.train import ControllerError
+
+    for attempt in range(max_failures + 1):
+        try:
+            return make_trainer().fit()
+        except ControllerError as err:
+            if attempt == max_failures:
+                raise
+            print(f"Ray Train's controller failed ({type(err.controller_failure).__name__}); "
+                  f"resubmitting the run ({attempt + 1}/{max_failures}), it resumes from its latest checkpoint")
 
 
 def summarize(job: JobSpec, result: TrainResult) -> str:

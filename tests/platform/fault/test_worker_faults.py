@@ -8,12 +8,18 @@ tiny preset, DeepSpeed ZeRO-2), against one uninterrupted run with the same seed
 3. SIGTERM a worker: every worker finishes the step, a checkpoint is published within
    the grace period, the run ends cleanly; resubmitted, it continues from there and
    again ends bit-identical.
+5. SIGKILL the job driver mid-run and run the same command again: it resumes from the
+   latest checkpoint in storage and ends bit-identical.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -89,3 +95,34 @@ def test_sigterm_checkpoints_within_grace_then_resumes(baseline, synthetic_data,
     assert second.last["resumed_from_step"] == stopped_at and second.last["step"] == STEPS
     _assert_same_weights(baseline, tmp_path / "preempted" / "model")
     _assert_ledger_exact(tmp_path / "storage" / "preempted")
+
+
+def test_killed_driver_resubmitted_resumes_from_latest_checkpoint(baseline, synthetic_data, tmp_path,
+                                                                 ray_cluster, repo_root):
+    """Test 5: SIGKILL the driver (`python jobs/pretrain.py`, as `ray job submit` runs it)
+    once a checkpoint is in storage; the same command again resumes from the latest one."""
+    cmd = [sys.executable, "jobs/pretrain.py", "--name", "driver", "--data-path", str(synthetic_data),
+           "--output-dir", str(tmp_path / "driver"), "--storage-path", str(tmp_path / "storage"),
+           "--max-steps", str(STEPS), "--global-batch-size", str(BATCH), "--micro-batch-size", "2",
+           "--warmup-steps", "2", "--lr", "3e-3", "--checkpoint-every", "2", "--zero-stage", "2",
+           "--seed", "11", "--num-workers", "2", "--no-wandb", "--no-plot"]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster["address"]}
+    driver = subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = tmp_path / "storage" / "driver" / "step_00000002"
+    deadline = time.monotonic() + 240
+    while not (first / "integrity_rank1.json").is_file():
+        assert driver.poll() is None and time.monotonic() < deadline, "no checkpoint before the kill"
+        time.sleep(0.2)
+    time.sleep(1.0)  # mid-run: the next steps are under way
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    killed_at = max(p.name for p in (tmp_path / "storage" / "driver").glob("step_*"))
+    assert killed_at < f"step_{STEPS:08d}", "the driver was killed too late to test anything"
+    again = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    records = [json.loads(x) for x in (tmp_path / "driver" / "metrics.jsonl").read_text().splitlines()]
+    resumed = records[-1]["resumed_from_step"]
+    print(f"driver killed with {killed_at} in storage; resubmission resumed from step {resumed}")
+    assert resumed is not None and resumed >= 2 and records[-1]["step"] == STEPS
+    _assert_same_weights(baseline, tmp_path / "driver" / "model")
+    _assert_ledger_exact(tmp_path / "storage" / "driver")
