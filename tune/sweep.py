@@ -17,6 +17,7 @@ rung (trial.py), and the searcher's and ASHA's state come back with it.
 """
 from __future__ import annotations
 
+import gc
 import math
 import os
 from dataclasses import dataclass
@@ -161,7 +162,8 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, log=print) -> SweepRun:
         f"{'resuming ' if resume else ''}in {cfg.output_dir}")
     tuner = build_tuner(cfg, resume)
     tuner.fit()
-    del tuner  # its wandb callback's finaliser must run while Ray is still importable
+    del tuner  # its wandb callback's finaliser must run while Ray is still importable,
+    gc.collect()  # not at interpreter exit (an AttributeError is printed then)
     results = collect_results(cfg)
     write_results(cfg, results, log=log)
     interrupted = results.unfinished > 0

@@ -1,0 +1,100 @@
+"""A real sweep on the session's Ray cluster: 4 trials of the tiny preset (Optuna TPE +
+ASHA), interrupted with Ctrl-C (SIGINT) after the first trial finished, then resumed
+with --resume. Finished trials must not run again; the table, the plot and
+best_layout.json must land; and pretrain must start from that file."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mamba_slm.model import ModelConfig
+from mamba_slm.platform.train.synthetic import write_synthetic_dataset
+from mamba_slm.tune.layout import apply_layout
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+STEPS, RUNGS = 6, 2
+
+
+def _finished_trials(sweep: Path) -> set[str]:
+    done = set()
+    for events in sweep.glob("trials/*/events.jsonl"):
+        if any(json.loads(x).get("step") == STEPS for x in events.read_text().splitlines()):
+            done.add(events.parent.name)
+    return done
+
+
+def _starts(sweep: Path) -> dict[str, int]:
+    return {p.parent.name: sum(json.loads(x)["event"] == "start" for x in p.read_text().splitlines())
+            for p in sweep.glob("trials/*/events.jsonl")}
+
+
+def test_sweep_interrupted_resumed_then_pretrain_takes_its_layout(ray_cluster, repo_root, tmp_path):
+    data = write_synthetic_dataset(tmp_path / "data", seq_len=64, vocab_size=256, train_rows=256,
+                                   val_rows=16, shards=1, row_group=64)
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "jobs/tune_sweep.py", "--proxy", "tiny", "--trials", "4", "--steps", str(STEPS),
+           "--rungs", str(RUNGS), "--global-batch-size", "8", "--micro-batch-size", "4", "--eval-batches", "2",
+           "--patterns", "AMMM,MMMA", "--attn-ratios", "0.25,0.5", "--searcher", "optuna",
+           "--max-concurrent", "2", "--cpus-per-trial", "1", "--data-path", str(data), "--output-dir", str(sweep)]
+    env = dict(os.environ)  # RAY_ADDRESS: the jobs join the session's cluster
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(cmd, cwd=repo_root, stdout=log, stderr=subprocess.STDOUT, env=env)
+    deadline = time.time() + 300
+    while not _finished_trials(sweep) and proc.poll() is None and time.time() < deadline:
+        time.sleep(1)
+    assert _finished_trials(sweep), (tmp_path / "first.log").read_text()[-3000:]
+    time.sleep(2)  # let Tune register the finished trial before the interrupt
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 1, (tmp_path / "first.log").read_text()[-3000:]
+    from ray.tune import ExperimentAnalysis
+
+    status = {t.trial_id: t.status for t in ExperimentAnalysis(str(sweep)).trials}
+    finished_before = {t for t, s in status.items() if s == "TERMINATED"}
+    started_before = set(_starts(sweep))
+    assert finished_before and len(finished_before) < 4, status
+
+    resumed = subprocess.run([sys.executable, "jobs/tune_sweep.py", "--resume", "--output-dir", str(sweep)],
+                             cwd=repo_root, capture_output=True, text=True, timeout=400, env=env)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    starts = _starts(sweep)
+    assert len(starts) == 4
+    for trial in finished_before:
+        assert starts[trial] == 1, f"finished trial {trial} ran again: {starts}"
+    for trial in started_before - finished_before:  # interrupted: continued once more
+        assert starts[trial] == 2, starts
+
+    rows = list(csv.DictReader(open(sweep / "trials.csv")))
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"TERMINATED"}
+    assert all(float(r["val_loss"]) > 0 and int(r["runs"]) >= 1 for r in rows)
+    assert "val_loss" in resumed.stdout and "best:" in resumed.stdout
+    assert (sweep / "sweep.png").stat().st_size > 10_000
+    assert list((sweep / "wandb").glob("offline-run-*")), "no wandb runs logged"
+    best = json.loads((sweep / "best_layout.json").read_text())
+    full = [r for r in rows if r["full_budget"] == "True"]
+    assert best["val_loss"] == pytest.approx(min(float(r["val_loss"]) for r in full))
+    assert best["n_layers"] == 4 and len(best["layer_pattern"]) == 4 and best["step"] == STEPS
+
+    # Same depth: the pattern goes verbatim; 24 layers: re-derived from ratio + placement.
+    assert apply_layout({}, sweep, "tiny") == {"layer_pattern": best["layer_pattern"]}
+    if best["attn_placement"] is not None or "rule_fallback" in best:
+        deep = ModelConfig.from_name("1.3B", **apply_layout({}, sweep, "1.3B"))
+        rule = best if best["attn_placement"] is not None else best["rule_fallback"]
+        assert deep.layer_pattern.count("A") == round(rule["attn_ratio"] * 24)
+
+    out = tmp_path / "pretrain"
+    run = subprocess.run([sys.executable, "jobs/pretrain.py", "--size", "tiny", "--layout-from", str(sweep),
+                          "--data-path", str(data), "--num-workers", "0", "--max-steps", "2",
+                          "--global-batch-size", "4", "--micro-batch-size", "4", "--no-wandb", "--no-plot",
+                          "--name", "from-sweep", "--output-dir", str(out)],
+                         cwd=repo_root, capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    saved = json.loads((out / "model" / "config.json").read_text())["model"]
+    assert saved["layer_pattern"] == best["layer_pattern"]
