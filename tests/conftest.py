@@ -27,12 +27,33 @@ RAY_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 os.environ.update(RAY_ENV)
+# Every port a head node listens on is set, so two test sessions on one machine (set
+# MAMBA_SLM_TEST_RAY_PORT / _DASHBOARD_PORT apart) do not collide, and teardown stops only
+# the processes of this session's cluster, never `ray stop` (which stops every Ray here).
 RAY_HEAD_PORT = int(os.environ.get("MAMBA_SLM_TEST_RAY_PORT", "6389"))
 DASHBOARD_PORT = int(os.environ.get("MAMBA_SLM_TEST_DASHBOARD_PORT", "8265"))
+CLIENT_PORT = 16390 - RAY_HEAD_PORT      # 10001 for the default head port (Ray's default); below the worker ports
+AGENT_PORT = DASHBOARD_PORT + 44100       # 52365 for the default dashboard port, as Ray's default
 
 
 def _ray_bin() -> str:
     return str(Path(sys.executable).with_name("ray"))
+
+
+def _stop_own_cluster(grace_s: float = 10.0) -> None:
+    """Stop the processes of the cluster on RAY_HEAD_PORT: each Ray process of a node
+    names the GCS port in its command line (gcs_server_port=P, gcs-address=IP:P,
+    --address=IP:P). Nodes that tests join to this head are stopped too."""
+    import time
+    pattern = f"(:|port=){RAY_HEAD_PORT}( |$)"
+    if subprocess.run(["pkill", "-TERM", "-f", pattern]).returncode != 0:
+        return  # nothing was running
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode != 0:
+            return
+        time.sleep(0.5)
+    subprocess.run(["pkill", "-KILL", "-f", pattern])
 
 
 def _wait_for_job_agent(dashboard: str, timeout_s: float = 90.0) -> None:
@@ -55,11 +76,12 @@ def ray_cluster():
     import ray
 
     address = f"127.0.0.1:{RAY_HEAD_PORT}"
-    subprocess.run([_ray_bin(), "stop", "--force"], capture_output=True, env={**os.environ})
+    _stop_own_cluster()  # leftovers of an earlier session on the same ports
     subprocess.run(
         [_ray_bin(), "start", "--head", f"--port={RAY_HEAD_PORT}", "--num-cpus=4",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={DASHBOARD_PORT}", "--disable-usage-stats"],
+         f"--dashboard-port={DASHBOARD_PORT}", f"--ray-client-server-port={CLIENT_PORT}",
+         f"--dashboard-agent-listen-port={AGENT_PORT}", "--disable-usage-stats"],
         check=True, capture_output=True, env={**os.environ},
     )
     _wait_for_job_agent(f"http://127.0.0.1:{DASHBOARD_PORT}")
@@ -70,7 +92,7 @@ def ray_cluster():
     finally:
         ray.shutdown()
         os.environ.pop("RAY_ADDRESS", None)
-        subprocess.run([_ray_bin(), "stop", "--force"], capture_output=True, env={**os.environ})
+        _stop_own_cluster()
 
 
 @pytest.fixture(scope="session")
