@@ -23,6 +23,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from mamba_slm.platform.train.launcher import ensure_ray as _ensure_ray
+
 from .config import SweepConfig
 from .results import SweepResults, collect_results, write_results
 from .trial import prune_trial, train_trial
@@ -30,29 +32,16 @@ from .trial import prune_trial, train_trial
 METRIC, MODE = "val_loss", "min"
 
 
+def ensure_ray(use_gpu: bool) -> None:
+    """The training job's Ray start-up, with the dashboard on: Tune trials that start Ray
+    Train worker groups hang without it (FIELD-NOTES)."""
+    _ensure_ray(use_gpu, include_dashboard=True, log_to_driver=False)
+
+
 @dataclass
 class SweepRun:
     results: SweepResults
     interrupted: bool
-
-
-def ensure_ray(use_gpu: bool) -> None:
-    """Join RAY_ADDRESS (set by `ray job submit`), else start a local cluster. The
-    dashboard stays on: Tune trials that start Ray Train worker groups hang without it
-    (FIELD-NOTES)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    env = {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
-    if not use_gpu:
-        env["DS_ACCELERATOR"] = "cpu"
-    os.environ.update(env)
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], logging_level="ERROR", log_to_driver=False)
-    else:
-        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=True,
-                 logging_level="ERROR", log_to_driver=False, runtime_env={"env_vars": env})
 
 
 def trial_resources(cfg: SweepConfig):

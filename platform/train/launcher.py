@@ -72,8 +72,10 @@ def resolve_job(training: TrainingConfig, data: DataConfig, run: RunConfig,
     return JobSpec(training, data, run, model, hooks or [])
 
 
-def ensure_ray(use_gpu: bool) -> None:
-    """Join the cluster in RAY_ADDRESS (a `ray job submit` sets it), else start a local one."""
+def ensure_ray(use_gpu: bool, include_dashboard: bool = False, log_to_driver: bool = True) -> None:
+    """Join the cluster in RAY_ADDRESS (a `ray job submit` sets it), else start a local one.
+    Tune sweeps ask for the dashboard: trials that start Ray Train worker groups hang
+    without it (FIELD-NOTES)."""
     import ray
 
     if ray.is_initialized():
@@ -83,12 +85,13 @@ def ensure_ray(use_gpu: bool) -> None:
         env["DS_ACCELERATOR"] = "cpu"
     os.environ.update(env)
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], logging_level="ERROR")
+        ray.init(address=os.environ["RAY_ADDRESS"], logging_level="ERROR", log_to_driver=log_to_driver)
     else:
         # A laptop/CI machine: at least 4 logical CPUs so 2 workers plus Ray's own tasks
         # fit on a 2-core machine (FIELD-NOTES).
         ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), logging_level="ERROR",
-                 runtime_env={"env_vars": env}, include_dashboard=False)
+                 runtime_env={"env_vars": env}, include_dashboard=include_dashboard,
+                 log_to_driver=log_to_driver)
 
 
 def run_pretraining(job: JobSpec) -> TrainResult:
