@@ -163,8 +163,9 @@ def forget_deepspeed_groups() -> None:
 
 
 def find_resume_checkpoint(job: JobSpec, config: dict[str, Any], stack: ExitStack) -> Path | None:
-    """The checkpoint to start from: Ray Train's latest for this run (a restart or a
-    resubmitted run), else `--resume-from`. In local mode the run directory is scanned."""
+    """The checkpoint to start from: the newest intact one of this run (Ray Train's latest,
+    or a newer sealed one in its storage directory), else `--resume-from`. A torn or
+    corrupt one is skipped with a warning (platform/fault/integrity.py)."""
     import ray.train
 
     if config["local_mode"]:
@@ -172,7 +173,12 @@ def find_resume_checkpoint(job: JobSpec, config: dict[str, Any], stack: ExitStac
     else:
         ckpt = ray.train.get_checkpoint()
         found = Path(stack.enter_context(ckpt.as_directory())) if ckpt is not None else None
-        if found is not None and verify_checkpoint(found):  # torn or corrupt: the previous good one
+        # A checkpoint sealed in storage after the last one Ray registered (the driver died
+        # in between) is complete too (its manifests say so): never throw it away.
+        on_disk = latest_good_checkpoint(config["run_dir"])
+        if on_disk is not None and (found is None or on_disk.name > found.name):
+            found = on_disk
+        elif found is not None and verify_checkpoint(found):  # torn or corrupt: the previous good one
             newest = found
             found = latest_good_checkpoint(config["run_dir"], newest=newest)
             if found is None:
