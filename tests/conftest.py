@@ -27,6 +27,9 @@ RAY_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 os.environ.update(RAY_ENV)
+# Processes Ray starts (job entrypoints run `python ...`) must find this interpreter and
+# its packages even when the venv is not activated (`make test` calls .venv/bin/python).
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 # Every port a head node listens on is set, so two test sessions on one machine (set
 # MAMBA_SLM_TEST_RAY_PORT / _DASHBOARD_PORT apart) do not collide, and teardown stops only
 # the processes of this session's cluster, never `ray stop` (which stops every Ray here).
