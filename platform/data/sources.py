@@ -199,13 +199,16 @@ def _read_parquet_file(path: str, s_idx: int, f_idx: int, text_field: str) -> It
         for row in batch.to_pylist():
             doc_id = make_doc_id(s_idx, f_idx, record)
             record += 1
-            text = None if missing else _field_text(row, text_field)
-            if text is None:
-                yield Doc(doc_id, s_idx, None, "missing_text")
-            elif len(text) > MAX_DOC_BYTES:
-                yield Doc(doc_id, s_idx, None, "too_long", len(text))
-            else:
-                yield Doc(doc_id, s_idx, text, raw_bytes=len(text.encode("utf-8", "replace")))
+            yield _field_doc(doc_id, s_idx, None if missing else _field_text(row, text_field))
+
+
+def _field_doc(doc_id: int, s_idx: int, text: str | None) -> Doc:
+    """A record's text field (Parquet, HF) as a Doc, or the reason it is skipped."""
+    if text is None:
+        return Doc(doc_id, s_idx, None, "missing_text")
+    if len(text) > MAX_DOC_BYTES:
+        return Doc(doc_id, s_idx, None, "too_long", len(text))
+    return Doc(doc_id, s_idx, text, raw_bytes=len(text.encode("utf-8", "replace")))
 
 
 def _read_hf_shard(spec: SourceSpec, s_idx: int, shard: str) -> Iterator[Doc]:
@@ -215,13 +218,7 @@ def _read_hf_shard(spec: SourceSpec, s_idx: int, shard: str) -> Iterator[Doc]:
         stream = stream.shard(num_shards=n_shards, index=index)
     for record, row in enumerate(stream):
         doc_id = make_doc_id(s_idx, index, record)
-        text = _field_text(row, spec.text_field)
-        if text is None:
-            yield Doc(doc_id, s_idx, None, "missing_text")
-        elif len(text) > MAX_DOC_BYTES:
-            yield Doc(doc_id, s_idx, None, "too_long", len(text))
-        else:
-            yield Doc(doc_id, s_idx, text, raw_bytes=len(text.encode("utf-8", "replace")))
+        yield _field_doc(doc_id, s_idx, _field_text(row, spec.text_field))
 
 
 def read_item(plan: CurationPlan, s_idx: int, f_idx: int, path: str) -> Iterator[Doc]:
