@@ -1,4 +1,5 @@
-"""Single-GPU model benchmarks: training tokens/s, MFU, peak memory and decode speed.
+"""Single-GPU model benchmarks: training tokens/s, MFU and peak memory (decode speed:
+bench/bench_decode_gpu.py, which builds its mamba-ssm side with `build` from here).
 
 Builds every side on the same card in one process and prints one table:
   ours       this project's HybridLM (kernel path: mamba-ssm Triton SSD, SDPA/flash attention)
@@ -10,7 +11,6 @@ FLOPs per token = 6 N + 12 * attention layers * hidden * seq (the convention of 
 MFU is against the bf16 matmul ceiling measured in the same run (8192^3 products).
 
     python bench/bench_model_gpu.py train --size 1.3B --seqs 2048 8192 --sides ours mamba_ssm attention
-    python bench/bench_model_gpu.py decode --size 1.3B --prompt 128 --new 256
 Results as JSON lines go to --out (default: stdout only).
 """
 from __future__ import annotations
@@ -126,32 +126,6 @@ def bench_train(side, cfg, seq, tokens_per_step, steps, warmup, ceiling, checkpo
     return row
 
 
-@torch.no_grad()
-def bench_decode(side, cfg, prompt_len, new_tokens, cuda_graphs=False):
-    torch.manual_seed(0)
-    model, _, n_params, _ = build(side, cfg)
-    model = model.to(torch.bfloat16).eval()
-    prompt = torch.randint(0, cfg.vocab_size, (1, prompt_len), device="cuda")
-    if side == "mamba_ssm":
-        run = lambda: model.generate(prompt, max_length=prompt_len + new_tokens, cg=cuda_graphs,
-                                     temperature=1.0, top_k=1)
-    else:
-        run = lambda: model.generate(prompt, max_new_tokens=new_tokens, temperature=0)
-    run()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    run()
-    torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    weight_bytes = 2 * n_params
-    row = dict(kind="decode", side=side, size=cfg.name, prompt=prompt_len, new=new_tokens,
-               cuda_graphs=cuda_graphs, tokens_per_s=round(new_tokens / dt, 1),
-               weight_gb=round(weight_bytes / 1e9, 2))
-    del model
-    torch.cuda.empty_cache()
-    return row
-
-
 def print_table(rows):
     if not rows:
         return
@@ -165,7 +139,7 @@ def print_table(rows):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["train", "decode"])
+    p.add_argument("what", choices=["train"])
     p.add_argument("--size", default="1.3B")
     p.add_argument("--sides", nargs="+", default=["ours", "mamba_ssm", "attention"])
     p.add_argument("--seqs", nargs="+", type=int, default=[2048, 8192])
@@ -173,9 +147,6 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (ours only)")
-    p.add_argument("--prompt", type=int, default=128)
-    p.add_argument("--new", type=int, default=256)
-    p.add_argument("--cuda-graphs", action="store_true")
     p.add_argument("--out", default=None, help="append JSON lines here")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -183,26 +154,18 @@ def main(argv=None) -> int:
     dev = torch.cuda.get_device_name()
     print(f"device: {dev}, torch {torch.__version__}", flush=True)
     rows = []
-    if args.what == "train":
-        ceiling = matmul_ceiling_tflops()
-        print(f"measured bf16 matmul ceiling: {ceiling:.0f} TFLOP/s", flush=True)
-        for seq in args.seqs:
-            cfg = ModelConfig.from_name(args.size, max_seq_len=max(seq, 8192))
-            for side in args.sides:
-                try:
-                    row = bench_train(side, cfg, seq, args.tokens, args.steps, args.warmup, ceiling,
-                                      args.checkpointing and side != "mamba_ssm")
-                except torch.OutOfMemoryError:
-                    row = dict(kind="train", side=side, size=args.size, seq=seq, tokens_per_s="OOM")
-                    torch.cuda.empty_cache()
-                row.update(device=dev, ceiling_tflops=round(ceiling))
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-    else:
-        cfg = ModelConfig.from_name(args.size)
+    ceiling = matmul_ceiling_tflops()
+    print(f"measured bf16 matmul ceiling: {ceiling:.0f} TFLOP/s", flush=True)
+    for seq in args.seqs:
+        cfg = ModelConfig.from_name(args.size, max_seq_len=max(seq, 8192))
         for side in args.sides:
-            row = bench_decode(side, cfg, args.prompt, args.new, args.cuda_graphs)
-            row.update(device=dev)
+            try:
+                row = bench_train(side, cfg, seq, args.tokens, args.steps, args.warmup, ceiling,
+                                  args.checkpointing and side != "mamba_ssm")
+            except torch.OutOfMemoryError:
+                row = dict(kind="train", side=side, size=args.size, seq=seq, tokens_per_s="OOM")
+                torch.cuda.empty_cache()
+            row.update(device=dev, ceiling_tflops=round(ceiling))
             rows.append(row)
             print(json.dumps(row), flush=True)
     print_table(rows)

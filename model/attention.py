@@ -6,6 +6,10 @@ Paths, chosen by `ModelConfig.attn_impl`:
 - flash: flash-attn's `flash_attn_func`, and `flash_attn_varlen_func` for packed
   documents (cu_seqlens from `seq_idx`), so documents never attend across a boundary
   without a dense mask.
+Decoding keeps keys/values in a static cache (`KVState`): buffers of `max_len` positions
+allocated up front, written at a position held in a device tensor and read under a mask
+of the positions filled so far, so a decode step launches the same kernels on the same
+memory every time and one CUDA graph serves every step (`mamba_slm.model.generation`).
 Names match transformers' `BambaAttention` (q_proj, k_proj, v_proj, o_proj; no biases).
 """
 from __future__ import annotations
@@ -30,9 +34,22 @@ except Exception:  # noqa: BLE001 - optional GPU extension
 
 @dataclass
 class KVState:
-    """Decoding state of one attention layer: keys/values after RoPE, (B, kv_heads, T, head_dim)."""
-    k: torch.Tensor | None = None
-    v: torch.Tensor | None = None
+    """Static decoding cache of one attention layer.
+
+    Keys (after RoPE) and values sit at positions [0, offset) of buffers of `max_len`
+    positions; `offset` is the cache's shared device counter (`InferenceCache.offset`),
+    advanced once per forward by the model, not here. The buffers start zeroed so that
+    masked-out positions hold finite values (0 x NaN would leak through the softmax).
+    """
+    k: torch.Tensor             # (B, kv_heads, max_len, head_dim)
+    v: torch.Tensor             # (B, kv_heads, max_len, head_dim)
+    offset: torch.Tensor        # (1,) int64: tokens already cached, shared by all layers
+    rope: torch.Tensor          # (max_len, 2, rotary_dim) float32: cos and sin per position
+    key_pos: torch.Tensor       # (max_len,) int64: arange, compared with offset for the mask
+
+    def reset(self) -> None:
+        self.k.zero_()
+        self.v.zero_()
 
 
 def resolve_attn_impl(requested: str, device: torch.device) -> str:
@@ -70,8 +87,14 @@ class Attention(nn.Module):
             log.info("attention path: %s (attn_impl=%s)", self._impl, self.cfg.attn_impl)
         return self._impl
 
-    def new_state(self, batch: int, device, dtype) -> KVState:
-        return KVState()
+    def new_state(self, batch: int, max_len: int, offset: torch.Tensor, device, dtype) -> KVState:
+        shape = (batch, self.n_kv_heads, max_len, self.head_dim)
+        positions = torch.arange(max_len, device=device)
+        # The same cos/sin as the cacheless path computes for these positions.
+        cos, sin = self.rotary(positions)
+        return KVState(k=torch.zeros(shape, device=device, dtype=dtype),
+                       v=torch.zeros(shape, device=device, dtype=dtype), offset=offset,
+                       rope=torch.stack([cos, sin], dim=1), key_pos=positions)
 
     def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None,
                 state: KVState | None = None) -> torch.Tensor:
@@ -79,18 +102,49 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(b, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        offset = 0 if state is None or state.k is None else state.k.shape[2]
-        cos, sin = self.rotary(torch.arange(offset, offset + T, device=x.device))
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if state is not None:
-            if state.k is not None:
-                k, v = torch.cat([state.k, k], dim=2), torch.cat([state.v, v], dim=2)
-            state.k, state.v = k, v
-        if state is None and self.impl(x.device) == "flash":
-            out = self._flash(q, k, v, seq_idx)
+        if state is not None and T == 1:
+            out = self._decode_step(q, k, v, state)  # (B, 1, H * D)
+        elif state is not None:
+            out = self._prefill(q, k, v, state)
         else:
-            out = self._sdpa(q, k, v, seq_idx, offset)
-        return self.o_proj(out.transpose(1, 2).reshape(b, T, -1))
+            cos, sin = self.rotary(torch.arange(T, device=x.device))
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            if self.impl(x.device) == "flash":
+                out = self._flash(q, k, v, seq_idx)
+            else:
+                out = self._sdpa(q, k, v, seq_idx, 0)
+            out = out.transpose(1, 2).reshape(b, T, -1)
+        return self.o_proj(out)
+
+    def _prefill(self, q, k, v, state: KVState) -> torch.Tensor:
+        """Several tokens into the cache (a prompt, or a chunk continuing one)."""
+        b, _, T, _ = q.shape
+        start = int(state.offset)  # host sync: once per layer per prompt, never per step
+        cos, sin = state.rope[start:start + T].unbind(1)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        state.k[:, :, start:start + T] = k
+        state.v[:, :, start:start + T] = v
+        if start == 0:  # nothing cached before: plain causal attention over the prompt
+            out = self._flash(q, k, v, None) if self.impl(q.device) == "flash" else self._sdpa(q, k, v, None, 0)
+        else:
+            out = self._sdpa(q, state.k[:, :, :start + T], state.v[:, :, :start + T], None, start)
+        return out.transpose(1, 2).reshape(b, T, -1)
+
+    def _decode_step(self, q, k, v, state: KVState) -> torch.Tensor:
+        """One token per row at position `state.offset`; no host sync, fixed shapes."""
+        b = q.shape[0]
+        cos, sin = state.rope.index_select(0, state.offset).unbind(1)  # (1, rotary_dim) each
+        qk = apply_rotary(torch.cat([q, k], dim=1), cos, sin)  # one rotary pass for q and k
+        q, k = qk.split([self.n_heads, self.n_kv_heads], dim=1)
+        state.k.index_copy_(2, state.offset, k.to(state.k.dtype))  # autocast may hand bf16 to an fp32 cache
+        state.v.index_copy_(2, state.offset, v.to(state.v.dtype))
+        valid = (state.key_pos <= state.offset)[None]  # (1, max_len): filled positions, this one included
+        # GQA without repeating keys: the n_heads / n_kv_heads query heads of a group
+        # (consecutive heads, as `enable_gqa` groups them) become that many queries
+        # against the group's one key/value head.
+        q = q.reshape(b, self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim)
+        out = F.scaled_dot_product_attention(q, state.k, state.v, attn_mask=valid)
+        return out.reshape(b, 1, self.n_heads * self.head_dim)
 
     def _sdpa(self, q, k, v, seq_idx, offset: int) -> torch.Tensor:
         T, S = q.shape[2], k.shape[2]

@@ -1,12 +1,32 @@
-"""Autoregressive sampling with the per-layer inference cache.
+"""Autoregressive sampling with a static inference cache and CUDA-graph decoding.
 
-The prompt runs once through the full (chunked) path, filling Mamba-2 conv/SSM states
-and attention KV caches; each new token then costs one recurrent step per Mamba-2 layer
-and one cached attention read per attention layer.
+The prompt runs once through the full (chunked) path, filling the Mamba-2 conv/SSM states
+and the attention KV caches; each new token then costs one recurrent step per Mamba-2
+layer and one cached attention read per attention layer.
+
+At batch 1 a decode step is hundreds of small kernels (24 layers of projections, norms,
+the conv/SSM update, rotary, attention), so eager PyTorch is bound by the CPU launching
+them, not by the GPU reading the weights. Because the cache is static (fixed buffers, the
+position a device tensor: `InferenceCache`), one step -- embedding, every layer, final
+norm, lm_head -- is captured once into a `torch.cuda.CUDAGraph` and replayed per token
+with the new token copied into a fixed input buffer (the approach of mamba_ssm's
+`utils/generation.py` and gpt-fast). Sampling stays outside the graph (it reads the
+growing sequence for the repetition penalty). On a CPU the same step runs eagerly.
 """
 from __future__ import annotations
 
+import logging
+import math
+import weakref
+
 import torch
+
+log = logging.getLogger(__name__)
+
+# Graph decoders are kept per model and reused by later calls of the same shape (mamba_ssm
+# keeps its `_decoding_cache` likewise); weak keys, so they go when the model goes.
+_GRAPH_DECODERS: "weakref.WeakKeyDictionary[torch.nn.Module, Decoder]" = weakref.WeakKeyDictionary()
+MAX_LEN_BUCKET = 256  # generate() sizes caches up to a multiple of this
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -45,23 +65,138 @@ def sample_next(logits: torch.Tensor, seen: torch.Tensor, temperature: float = 1
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+def resolve_cuda_graphs(requested: bool | None, device: torch.device) -> bool:
+    """None = on when the model is on a CUDA device; True elsewhere is an error."""
+    if requested is None:
+        return device.type == "cuda"
+    if requested and device.type != "cuda":
+        raise ValueError(f"cuda_graphs=True needs the model on a CUDA device (it is on {device}); "
+                         "pass cuda_graphs=None or False")
+    return bool(requested)
+
+
+class Decoder:
+    """Decodes `batch` rows of up to `max_len` tokens: `prefill(prompt)` once, then
+    `step(tokens)` per new token; both return the next-token logits (B, vocab).
+
+    With `cuda_graphs`, the step is captured at construction and replayed: the logits it
+    returns live in the graph's output buffer and are overwritten by the next step, so
+    read them (sample) before calling `step` again. Holds only a weak reference to the
+    model; the graph reads the parameters in place, so in-place weight updates are seen.
+    """
+
+    def __init__(self, model, batch: int, max_len: int, cuda_graphs: bool | None = None):
+        device = model.lm_head.weight.device
+        self._model = weakref.ref(model)
+        self.vocab = model.config.vocab_size
+        self.cache = model.new_cache(batch, max_len)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.key: tuple | None = None  # what `graph_decoder` reuses it for
+        if resolve_cuda_graphs(cuda_graphs, device):
+            self._capture(batch, device)
+
+    @property
+    def model(self):
+        return self._model()
+
+    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids, cache=self.cache).logits[:, -1, :self.vocab]
+
+    @torch.no_grad()
+    def _capture(self, batch: int, device: torch.device) -> None:
+        self._token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        # Warm up on a side stream first (torch.cuda.graphs docs): Triton compiles and
+        # autotunes, cuBLAS makes its workspaces, none of which may happen during capture.
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward(self._token)
+                self.cache.reset()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._logits = self._forward(self._token)
+        self.cache.reset()  # capture advanced the host-side count; the device work did not run
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Empty the cache and run the prompt (B, T) through the full path."""
+        self.cache.reset()
+        return self._forward(input_ids)
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B,) -> logits (B, vocab) for the position after them."""
+        if self.graph is None:
+            return self._forward(tokens[:, None])
+        self.cache.check_room(1)
+        self._token.copy_(tokens[:, None])
+        self.graph.replay()  # advances the cache's device offset inside the graph
+        self.cache.seqlen += 1
+        return self._logits
+
+
+def graph_decoder(model, batch: int, max_len: int) -> Decoder:
+    """The model's CUDA-graph decoder for this shape, captured on first use and reused
+    while the batch, cache length, autocast and parameter storage stay the same."""
+    key = (batch, max_len, torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
+           tuple(p.data_ptr() for p in model.parameters()))
+    decoder = _GRAPH_DECODERS.get(model)
+    if decoder is None or decoder.key != key:
+        _GRAPH_DECODERS.pop(model, None)  # free the old graph and cache before making a new one
+        decoder = Decoder(model, batch, max_len, cuda_graphs=True)
+        decoder.key = key
+        _GRAPH_DECODERS[model] = decoder
+        log.info("decode: captured a CUDA graph for batch %d, max_len %d", batch, max_len)
+    return decoder
+
+
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-             eos_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """input_ids (B, T) -> (B, T + new) ids. Rows that emit `eos_id` keep emitting it."""
-    vocab = model.config.vocab_size
-    cache = model.new_cache(input_ids.shape[0])
-    logits = model(input_ids, cache=cache).logits[:, -1, :vocab]
-    out = input_ids
-    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    for _ in range(max_new_tokens):
-        nxt = sample_next(logits, out, temperature, top_k, top_p, repetition_penalty, generator)
+             eos_id: int | None = None, generator: torch.Generator | None = None,
+             cuda_graphs: bool | None = None) -> torch.Tensor:
+    """input_ids (B, T) -> (B, T + new) ids. Rows that emit `eos_id` keep emitting it; the
+    result ends at the step where every row has emitted it.
+
+    cuda_graphs: replay one captured CUDA graph per token. None (auto) = on a CUDA device,
+    decoding eagerly with a warning if the capture fails; True = required.
+    """
+    B, T = input_ids.shape
+    # Rounded up so that nearby lengths share one captured graph; eager decoding uses the
+    # same size, so that both run attention over the same (masked) cache shape.
+    max_len = math.ceil((T + max_new_tokens) / MAX_LEN_BUCKET) * MAX_LEN_BUCKET
+    decoder, check_every = None, 1
+    if resolve_cuda_graphs(cuda_graphs, model.lm_head.weight.device):
+        try:
+            decoder = graph_decoder(model, B, max_len)
+            check_every = 16  # an all-done check syncs the host; graphs let the host run ahead
+        except Exception as exc:  # noqa: BLE001 - auto mode keeps working on an odd setup
+            if cuda_graphs:
+                raise
+            log.warning("decode: CUDA graph capture failed (%r); decoding eagerly "
+                        "(cuda_graphs=False skips the attempt, True makes it an error)", exc)
+    if decoder is None:
+        decoder = Decoder(model, B, max_len, cuda_graphs=False)
+    out = torch.empty(B, T + max_new_tokens, dtype=input_ids.dtype, device=input_ids.device)
+    out[:, :T] = input_ids
+    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    logits = decoder.prefill(input_ids)
+    n = T
+    for i in range(max_new_tokens):
+        nxt = sample_next(logits, out[:, :n], temperature, top_k, top_p, repetition_penalty, generator)
         if eos_id is not None:
-            nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+            nxt = nxt.masked_fill(done, eos_id)
             done |= nxt == eos_id
-        out = torch.cat([out, nxt[:, None]], dim=1)
-        if eos_id is not None and bool(done.all()):
+        out[:, n] = nxt
+        n += 1
+        last = i + 1 == max_new_tokens
+        if eos_id is not None and ((i + 1) % check_every == 0 or last) and bool(done.all()):
+            # Cut after the first step at which every row had emitted EOS.
+            all_eos = (out[:, T:n] == eos_id).all(0)
+            n = T + int(all_eos.int().argmax()) + 1
             break
-        logits = model(nxt[:, None], cache=cache).logits[:, -1, :vocab]
-    return out
+        if not last:
+            logits = decoder.step(nxt)
+    return out[:, :n]

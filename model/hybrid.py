@@ -7,7 +7,7 @@ Block:  h = x + mixer(input_layernorm(x));  out = h + feed_forward(pre_ff_layern
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -22,9 +22,35 @@ from .mamba2 import Mamba2Mixer
 
 @dataclass
 class InferenceCache:
-    """Per-layer decoding state (MambaState or KVState) and the number of tokens seen."""
-    layers: list = field(default_factory=list)
+    """Per-layer decoding state (MambaState or KVState) for up to `max_len` tokens a row.
+
+    Every buffer is allocated here and updated in place, and the position of the next
+    token is a device tensor (`offset`), so the decode step's kernels read and write the
+    same memory at every step: the precondition for replaying it as one CUDA graph.
+    `seqlen` is the same count on the host, for checks that must not sync the device.
+    """
+    layers: list
+    max_len: int
+    offset: torch.Tensor  # (1,) int64 on the model's device, shared with every KVState
     seqlen: int = 0
+
+    def check_room(self, n: int) -> None:
+        if self.seqlen + n > self.max_len:
+            raise ValueError(
+                f"the inference cache holds max_len={self.max_len} tokens per row and has "
+                f"{self.seqlen}; {n} more do not fit. Make it with "
+                f"model.new_cache(batch, max_len=prompt + new tokens)")
+
+    def advance(self, n: int) -> None:
+        self.seqlen += n
+        self.offset.add_(n)
+
+    def reset(self) -> None:
+        """Empty the cache in place (same buffers), ready for a new prompt."""
+        for state in self.layers:
+            state.reset()
+        self.offset.zero_()
+        self.seqlen = 0
 
 
 @dataclass
@@ -99,10 +125,16 @@ class HybridLM(nn.Module):
         n_attn = self.config.layer_pattern.count(ATTENTION)
         return 6 * self.num_parameters() + 12 * n_attn * self.config.hidden_size * seq_len
 
-    def new_cache(self, batch: int, device=None, dtype=None) -> InferenceCache:
+    def new_cache(self, batch: int, max_len: int | None = None, device=None, dtype=None) -> InferenceCache:
+        """A decoding cache for `batch` rows of up to `max_len` tokens each (prompt and
+        generated; default `config.max_seq_len`). Attention layers preallocate
+        2 x batch x kv_heads x max_len x head_dim values; Mamba-2 layers a fixed state."""
+        max_len = max_len or self.config.max_seq_len
         device = device or self.embed_tokens.weight.device
         dtype = dtype or self.embed_tokens.weight.dtype
-        return InferenceCache([blk.mixer.new_state(batch, device, dtype) for blk in self.layers])
+        offset = torch.zeros(1, dtype=torch.long, device=device)
+        return InferenceCache([blk.mixer.new_state(batch, max_len, offset, device, dtype) for blk in self.layers],
+                              max_len=max_len, offset=offset)
 
     def forward(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, cache: InferenceCache | None = None,
@@ -116,8 +148,10 @@ class HybridLM(nn.Module):
         between documents. labels (B, T): targets aligned with input_ids (already shifted),
         -100 ignored. cache: continue decoding from (and update) an `InferenceCache`.
         """
-        if cache is not None and seq_idx is not None:
-            raise ValueError("seq_idx (packed documents) is for training; decode one document per row")
+        if cache is not None:
+            if seq_idx is not None:
+                raise ValueError("seq_idx (packed documents) is for training; decode one document per row")
+            cache.check_room(input_ids.shape[1])
         h = self.embed_tokens(input_ids)  # (B, T, hidden)
         for i, block in enumerate(self.layers):
             state = None if cache is None else cache.layers[i]
@@ -127,7 +161,7 @@ class HybridLM(nn.Module):
                 h = block(h, seq_idx=seq_idx, state=state)
         h = self.final_norm(h)
         if cache is not None:
-            cache.seqlen += input_ids.shape[1]
+            cache.advance(input_ids.shape[1])
         if labels is not None and not return_logits:
             return LMOutput(logits=None, loss=self.chunked_loss(h, labels), cache=cache)
         logits = self.lm_head(h)  # (B, T, V_padded)

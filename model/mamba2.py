@@ -23,9 +23,14 @@ from .ssd import resolve_ssm_path, ssd_scan, ssd_step
 log = logging.getLogger(__name__)
 
 try:
-    from causal_conv1d import causal_conv1d_fn
+    from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 except Exception:  # noqa: BLE001 - optional GPU extension
-    causal_conv1d_fn = None
+    causal_conv1d_fn = causal_conv1d_update = None
+try:  # single-token kernels for decoding (mamba_ssm Mamba2.step)
+    from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn as gated_rms_norm_fn
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+except Exception:  # noqa: BLE001
+    gated_rms_norm_fn = selective_state_update = None
 try:  # conv + SSD + gated norm + out_proj in one autograd function (mamba_ssm Mamba2's
     # "memory-efficient path"): saves only zxbcdt and recomputes the rest in backward
     from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined
@@ -35,9 +40,17 @@ except Exception:  # noqa: BLE001
 
 @dataclass
 class MambaState:
-    """Decoding state of one Mamba-2 layer."""
+    """Decoding state of one Mamba-2 layer, updated in place (fixed addresses, so a
+    captured CUDA graph keeps working on it)."""
     conv: torch.Tensor  # (B, conv_dim, d_conv - 1): the last pre-conv inputs
     ssm: torch.Tensor   # (B, n_heads, head_dim, d_state), float32
+    A: torch.Tensor     # (n_heads,) float32: -exp(A_log), derived once per prompt, not per token
+    A_log: torch.Tensor  # the layer's parameter, to derive A again on reset
+
+    def reset(self) -> None:
+        self.conv.zero_()
+        self.ssm.zero_()
+        self.A.copy_(-torch.exp(self.A_log.detach().float()))
 
 
 def causal_conv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -101,10 +114,12 @@ class Mamba2Mixer(nn.Module):
             log.info("Mamba-2 SSD path: %s (ssm_path=%s)", self._path, self.cfg.ssm_path)
         return self._path
 
-    def new_state(self, batch: int, device, dtype) -> MambaState:
+    def new_state(self, batch: int, max_len: int, offset: torch.Tensor, device, dtype) -> MambaState:
+        """The recurrent state has a fixed size: `max_len` and `offset` are not needed."""
         return MambaState(
             conv=torch.zeros(batch, self.conv_dim, self.cfg.mamba_d_conv - 1, device=device, dtype=dtype),
-            ssm=torch.zeros(batch, self.n_heads, self.head_dim, self.d_state, device=device, dtype=torch.float32))
+            ssm=torch.zeros(batch, self.n_heads, self.head_dim, self.d_state, device=device, dtype=torch.float32),
+            A=-torch.exp(self.A_log.detach().float()).to(device), A_log=self.A_log)
 
     def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None,
                 state: MambaState | None = None) -> torch.Tensor:
@@ -163,19 +178,42 @@ class Mamba2Mixer(nn.Module):
         return F.silu(out).transpose(1, 2)
 
     def _step(self, z, xBC, dt, state: MambaState) -> torch.Tensor:
-        """Single-token recurrence; z/xBC/dt are (B, 1, .)."""
+        """Single-token recurrence; z/xBC/dt are (B, 1, .). On the kernel path: causal-conv1d's
+        conv update, mamba-ssm's selective_state_update and gated RMSNorm, one launch each."""
         b = z.shape[0]
-        window = torch.cat([state.conv.to(xBC.dtype), xBC.transpose(1, 2)], dim=-1)  # (B, C, W)
-        state.conv.copy_(window[..., 1:])
-        conv = (window * self.conv1d.weight[:, 0, :].to(window.dtype)).sum(-1)
+        z, xBC, dt = z[:, 0], xBC[:, 0], dt[:, 0]  # (B, d_inner), (B, conv_dim), (B, n_heads)
+        kernel = self.path(z.device) == "kernel"
+        if kernel and causal_conv1d_update is not None:
+            # The kernel wants input and state in one dtype (autocast hands bf16 to an fp32 cache).
+            xBC = causal_conv1d_update(xBC.to(state.conv.dtype), state.conv, self.conv1d.weight.squeeze(1),
+                                       self.conv1d.bias, "silu")
+        else:
+            xBC = F.silu(self._conv_step_ref(xBC, state))
+        xs, B, C = xBC.split([self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
+        xs = xs.reshape(b, self.n_heads, self.head_dim)
+        B, C = B.reshape(b, self.n_groups, self.d_state), C.reshape(b, self.n_groups, self.d_state)
+        if kernel:
+            # Per-head scalars broadcast over head_dim (and d_state) by stride-0 views: the
+            # kernel's "tied head dim" fast path (mamba_ssm Mamba2.step).
+            P, N = self.head_dim, self.d_state
+            y = selective_state_update(
+                state.ssm, xs, dt[..., None].expand(-1, -1, P), state.A[:, None, None].expand(-1, P, N),
+                B, C, D=self.D[:, None].expand(-1, P), dt_bias=self.dt_bias[:, None].expand(-1, P),
+                dt_softplus=True)
+            y = gated_rms_norm_fn(y.reshape(b, self.d_inner), self.norm.weight, None, z=z, eps=self.norm.eps,
+                                  group_size=self.norm.group_size, norm_before_gate=False)
+        else:
+            dt = F.softplus(dt.float() + self.dt_bias.float())
+            y = ssd_step(state.ssm, xs, dt, state.A, B, C, self.D)
+            y = self.norm(y.reshape(b, self.d_inner), z)
+        return self.out_proj(y[:, None])
+
+    def _conv_step_ref(self, x: torch.Tensor, state: MambaState) -> torch.Tensor:
+        """x (B, conv_dim) -> conv output (B, conv_dim) before silu; the window slides in place."""
+        w = self.conv1d.weight[:, 0, :].to(x.dtype)  # (conv_dim, d_conv)
+        out = (state.conv.to(x.dtype) * w[:, :-1]).sum(-1) + x * w[:, -1]
         if self.conv1d.bias is not None:
-            conv = conv + self.conv1d.bias.to(conv.dtype)
-        xs, B, C = F.silu(conv).split(
-            [self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
-        dt = F.softplus(dt[:, 0].float() + self.dt_bias.float())
-        A = -torch.exp(self.A_log.float())
-        y = ssd_step(state.ssm, xs.reshape(b, self.n_heads, self.head_dim), dt, A,
-                     B.reshape(b, self.n_groups, self.d_state), C.reshape(b, self.n_groups, self.d_state),
-                     self.D)
-        y = self.norm(y.reshape(b, 1, self.d_inner), z)
-        return self.out_proj(y)
+            out = out + self.conv1d.bias.to(x.dtype)
+        state.conv.copy_(state.conv.roll(-1, dims=-1))
+        state.conv[:, :, -1] = x
+        return out
