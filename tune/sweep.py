@@ -130,9 +130,20 @@ def callbacks(cfg: SweepConfig) -> list:
 
         if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
             os.environ["WANDB_MODE"] = "offline"  # no key: runs are kept under <sweep>/wandb
-        out.append(WandbLoggerCallback(project=cfg.wandb_project, group=cfg.name, dir=cfg.output_dir,
-                                       mode=os.environ["WANDB_MODE"] if os.environ.get("WANDB_MODE") else None,
-                                       excludes=["stop_reason"]))
+
+        class EndEveryWandbRun(WandbLoggerCallback):
+            """Ray's callback ends a trial's wandb run when the trial ends; a sweep stopped
+            by Ctrl-C leaves running trials unended, and their logging actors would keep
+            `fit()` waiting for `upload_timeout` (30 min by default). End them all."""
+
+            def on_experiment_end(self, trials, **info):
+                for trial in list(self._trial_queues):
+                    self._signal_logging_actor_stop(trial=trial)
+                super().on_experiment_end(trials, **info)
+
+        out.append(EndEveryWandbRun(project=cfg.wandb_project, group=cfg.name, dir=cfg.output_dir,
+                                    mode=os.environ["WANDB_MODE"] if os.environ.get("WANDB_MODE") else None,
+                                    excludes=["stop_reason"], upload_timeout=300))
     return out
 
 
