@@ -166,7 +166,7 @@ class MambaSlmLM(TemplateLM):
         temperature = float(gen.get("temperature", 0.0)) if gen.get("do_sample") else 0.0
         top_p, top_k = float(gen.get("top_p", 1.0)), int(gen.get("top_k", 0) or 0)
         ids = torch.tensor(prompts, dtype=torch.long, device=self._device)
-        cache = self.model.new_cache(ids.shape[0])
+        cache = self.model.new_cache(ids.shape[0], max_len=ids.shape[1] + max_new)
         logprobs = self._forward(ids, cache=cache)[:, -1]
         new = [[] for _ in prompts]
         done = [False] * len(prompts)

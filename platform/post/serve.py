@@ -65,7 +65,7 @@ def stream_token_ids(model, ids: list[int], max_new_tokens: int, eos_id: int, te
     as a generator); stops after EOS (yielded) or `max_new_tokens`."""
     vocab = model.config.vocab_size
     seen = torch.tensor([ids], dtype=torch.long)
-    cache = model.new_cache(1)
+    cache = model.new_cache(1, max_len=len(ids) + max_new_tokens)
     logits = model(seen, cache=cache).logits[:, -1, :vocab]
     for _ in range(max_new_tokens):
         nxt = sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty, generator)

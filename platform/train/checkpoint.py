@@ -7,6 +7,7 @@ path, assembled by Ray Train from every worker's files):
     rng_rank{r}.pt            python / numpy / torch RNG state of worker r
     ds/                       DeepSpeed: weights, ZeRO-partitioned optimizer state
                               (engine.save_checkpoint, tag "ds"); zero_to_fp32 reads it
+                              and so does ds_to_universal (resume on another world size)
     model/                    (final checkpoint only) save_pretrained directory
 
 `load_model(path)` opens either kind of directory (a `save_pretrained` model, a
@@ -14,9 +15,15 @@ checkpoint, or a run directory holding checkpoints) as a `HybridLM` on the CPU.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import json
 import logging
 import random
+import shutil
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,10 +79,59 @@ def check_architecture(saved: dict[str, Any], current: ModelConfig, where: str) 
             "same --size and data (vocabulary), or start a new run with another --name.")
 
 
-def load_checkpoint(engine, path: Path, rank: int) -> TrainState:
-    """Collective: restore the engine (weights + optimizer) and this worker's RNG."""
-    load_path, _ = engine.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
-                                          load_lr_scheduler_states=False)
+def saved_world_size(path: str | Path) -> int:
+    """Data-parallel ranks the checkpoint was written by (one ZeRO optimizer shard each)."""
+    return len(list((Path(path) / DS_TAG).glob("*_optim_states.pt")))
+
+
+def to_universal(path: Path, out: Path) -> Path:
+    """Convert the ZeRO-partitioned `ds/` of a checkpoint into DeepSpeed's universal
+    format (one fp32 weight + Adam moments per parameter, no partitioning) under `out`.
+    The checkpoint itself is left untouched."""
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    args = argparse.Namespace(input_folder=str(path / DS_TAG), output_folder=str(out / DS_TAG),
+                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                              strict=True, inject_missing_state=True)
+    t0, chatter = time.perf_counter(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            ds_to_universal(args)
+    except Exception:
+        log.error("ds_to_universal failed on %s:\n%s", path, chatter.getvalue()[-3000:])
+        raise
+    log.warning("converted %s to a universal checkpoint in %.1f s", path.name, time.perf_counter() - t0)
+    return out
+
+
+def load_checkpoint(engine, path: Path, rank: int, world: int = 0, node: tuple[int, int] = (0, 0)) -> TrainState:
+    """Collective: restore the engine (weights + optimizer) and this worker's RNG.
+
+    A checkpoint written by a different number of workers (an elastic run that lost or
+    regained nodes) cannot be loaded shard for shard: ZeRO partitions the optimizer state
+    by world size. It is converted to DeepSpeed's universal checkpoint once per node (local
+    rank 0, into a scratch directory), and every worker loads its new partition from that;
+    the Adam moments and fp32 master weights carry over exactly. `node` is (node rank,
+    local rank) of this worker."""
+    saved = saved_world_size(path)
+    if world and saved and saved != world:
+        node_rank, local_rank = node
+        load_dir = _universal_copy(path, saved, world, node_rank, local_rank)
+        engine._config.load_universal_checkpoint = True  # read by load_checkpoint at call time
+        try:
+            load_path, _ = engine.load_checkpoint(str(load_dir), tag=DS_TAG, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
+        finally:
+            engine._config.load_universal_checkpoint = False
+            _barrier()
+            if local_rank == 0:
+                shutil.rmtree(load_dir, ignore_errors=True)
+    else:
+        load_path, _ = engine.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint under {path}/{DS_TAG}")
     rng_file = path / f"rng_rank{rank}.pt"
@@ -88,7 +144,31 @@ def load_checkpoint(engine, path: Path, rank: int) -> TrainState:
             torch.cuda.set_rng_state(rng["cuda"])
     state, _ = read_train_state(path)
     state.resumed_from_step = state.step
+    if state.stop_reason:  # the user was told to fix the cause and resume: go on
+        if rank == 0:
+            log.warning("checkpoint %s ended a run that stopped (%s); resuming past it", path.name,
+                        state.stop_reason)
+        state.stop_reason, state.bad_in_a_row = "", 0
     return state
+
+
+def _universal_copy(path: Path, saved: int, world: int, node_rank: int, local_rank: int) -> Path:
+    """The universal form of `path` in this node's scratch space (collective)."""
+    out = (Path(tempfile.gettempdir()) / "mamba-slm-universal"
+           / f"{path.parent.name}-{path.name}-w{world}-node{node_rank}")
+    if local_rank == 0:
+        log.warning("checkpoint %s was written by %d workers, resuming on %d: converting it to a "
+                    "DeepSpeed universal checkpoint", path.name, saved, world)
+        to_universal(path, out)
+    _barrier()
+    return out
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def gather_full_state_dict(engine, rank: int) -> dict[str, torch.Tensor]:
@@ -126,9 +206,13 @@ def _fill_tied(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint (has train_state.json) under a run directory."""
-    found = sorted(p for p in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).is_file())
-    return found[-1] if found else None
+    """The newest complete and intact checkpoint under a run directory: its SHA-256
+    manifests verified (platform/fault/integrity.py); a torn or corrupt newer one is
+    skipped with a warning."""
+    from mamba_slm.platform.fault.integrity import latest_good_checkpoint
+
+    found = latest_good_checkpoint(run_dir)
+    return found if found is not None and (found / STATE_FILE).is_file() else None
 
 
 def load_model(path: str | Path, device: str = "cpu") -> HybridLM:

@@ -173,6 +173,9 @@ class RunConfig:
     num_workers: int = _help("training workers (one per GPU); 0 = run in this process", default=2)
     min_workers: int = _help("elastic floor: train on as few as this many workers (0 = fixed "
                              "size)", default=0)
+    resize_every_s: float = _help("elastic runs: check every X seconds whether lost workers can "
+                                  "come back, and grow to them (restarts from the latest "
+                                  "checkpoint)", default=60.0)
     use_gpu: bool = _help("one GPU per worker (DeepSpeed over NCCL); off = CPU over gloo",
                           default=False)
     cpus_per_worker: float = _help("CPUs reserved per worker", default=1.0)
@@ -212,6 +215,8 @@ class RunConfig:
         from mamba_slm.platform.fault.preemption import build_notices
 
         build_notices(self.preemption_notices)  # raises ValueError naming a bad kind
+        if self.resize_every_s < 0:
+            raise ValueError(f"RunConfig.resize_every_s={self.resize_every_s}: must be >= 0")
         if self.cpus_per_worker <= 0:
             raise ValueError(f"RunConfig.cpus_per_worker={self.cpus_per_worker}: must be > 0")
 

@@ -109,8 +109,9 @@ def run_pretraining(job: JobSpec) -> TrainResult:
             train_loop_config={"job": job.to_dict(), "hooks": job.hooks, "local_mode": local_mode,
                                "run_dir": str(Path(run.storage_path) / run.name)},
             torch_config=TorchConfig(backend="nccl" if run.use_gpu else "gloo"),
-            scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=run.use_gpu,
-                                                   resources_per_worker={"CPU": run.cpus_per_worker}),
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=workers, use_gpu=run.use_gpu, resources_per_worker={"CPU": run.cpus_per_worker},
+                **({"elastic_resize_monitor_interval_s": run.resize_every_s} if run.min_workers else {})),
             run_config=ray.train.RunConfig(
                 name=run.name, storage_path=run.storage_path,
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.keep_checkpoints),

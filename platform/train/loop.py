@@ -75,7 +75,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         from .engine import build_engine, resolve_precision
 
         engine, _ = build_engine(job.model, tcfg, world, job.run.use_gpu)
-        state = load_checkpoint(engine, resume_dir, rank) if resume_dir is not None else TrainState()
+        state = (load_checkpoint(engine, resume_dir, rank, world, node_position())
+                 if resume_dir is not None else TrainState())
         ft = WorkerFaultTolerance(tcfg, job.run, rank, world, resume_dir)  # reads the ledger
     logger = None
     if rank == 0:
@@ -149,6 +150,14 @@ def setup_distributed(use_gpu: bool, local_mode: bool) -> tuple[int, int]:
                                 rank=0, world_size=1)
         forget_deepspeed_groups()
     return rank, world
+
+
+def node_position() -> tuple[int, int]:
+    """(node rank, local rank) of this worker in Ray Train's worker group."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    return ctx.get_node_rank(), ctx.get_local_rank()
 
 
 def forget_deepspeed_groups() -> None:
@@ -260,7 +269,7 @@ def step_metrics(state: TrainState, r: StepResult, elapsed: float, tokens_per_st
                  flops_per_token: float, peak: float | None, world: int) -> dict[str, Any]:
     tokens_per_s = tokens_per_step / elapsed
     return {"step": state.step, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm,
-            "tokens_per_s": tokens_per_s, "tokens_per_s_per_worker": tokens_per_s / world,
+            "tokens_per_s": tokens_per_s, "tokens_per_s_per_worker": tokens_per_s / world, "workers": world,
             "mfu": None if peak is None else flops_per_token * tokens_per_s / (peak * world),
             "step_time_s": elapsed, "tokens_seen": state.tokens_seen,
             "sample_position": state.sample_position, "skipped": not r.applied,

@@ -28,26 +28,16 @@ from safetensors.torch import load_file
 from mamba_slm.platform.fault.inject import SignalAtSteps, fired
 from mamba_slm.platform.fault.integrity import verify_checkpoint
 from mamba_slm.platform.fault.ledger import audit_checkpoint
-from mamba_slm.platform.train.config import DataConfig, RunConfig, TrainingConfig
-from mamba_slm.platform.train.launcher import resolve_job, run_pretraining
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-STEPS, BATCH = 8, 8
+STEPS, BATCH = 8, 8  # as conftest.run_tiny
 
 
-def _run(data, out, name, hooks=(), max_failures=0, grace_s=30.0):
-    t = TrainingConfig(max_steps=STEPS, global_batch_size=BATCH, micro_batch_size=2, warmup_steps=2,
-                       lr=3e-3, checkpoint_every=2, zero_stage=2, seed=11)
-    run = RunConfig(name=name, num_workers=2, output_dir=str(out / name), storage_path=str(out / "storage"),
-                    wandb=False, plot=False, max_failures=max_failures, preemption_grace_s=grace_s)
-    return run_pretraining(resolve_job(t, DataConfig(path=str(data)), run, hooks=list(hooks)))
-
-
-@pytest.fixture(scope="module")
-def baseline(ray_cluster, synthetic_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("baseline")
-    _run(synthetic_data, out, "uninterrupted")
-    return load_file(str(out / "uninterrupted" / "model" / "model.safetensors"))
+@pytest.fixture
+def _run(fault_run):
+    def run(data, out, name, hooks=(), max_failures=0, grace_s=30.0):
+        return fault_run(data, out, name, hooks, max_failures=max_failures, preemption_grace_s=grace_s)
+    return run
 
 
 def _assert_same_weights(expected, model_dir):
@@ -65,7 +55,7 @@ def _assert_ledger_exact(run_dir):
     assert audit.lost == 0 and audit.repeated == 0, audit
 
 
-def test_sigkill_at_three_random_steps(baseline, synthetic_data, tmp_path):
+def test_sigkill_at_three_random_steps(baseline, synthetic_data, tmp_path, _run):
     seed = int(os.environ.get("FAULT_SEED", random.randrange(10**6)))
     kill_steps = sorted(random.Random(seed).sample(range(1, STEPS + 1), 3))
     print(f"FAULT_SEED={seed}: SIGKILL rank 1 after steps {kill_steps}")
@@ -78,7 +68,7 @@ def test_sigkill_at_three_random_steps(baseline, synthetic_data, tmp_path):
     _assert_ledger_exact(tmp_path / "storage" / "killed")
 
 
-def test_sigterm_checkpoints_within_grace_then_resumes(baseline, synthetic_data, tmp_path):
+def test_sigterm_checkpoints_within_grace_then_resumes(baseline, synthetic_data, tmp_path, _run):
     markers, grace = tmp_path / "terms", 20.0
     hook = SignalAtSteps([3], markers, rank=1, sig=signal.SIGTERM)
     first = _run(synthetic_data, tmp_path, "preempted", hooks=[hook], grace_s=grace)

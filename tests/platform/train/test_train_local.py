@@ -67,3 +67,11 @@ def test_bad_steps_are_skipped_then_the_run_stops_with_a_checkpoint(synthetic_da
     for name in before:
         torch.testing.assert_close(before[name], after[name], rtol=0, atol=0, msg=name)
     assert load_file(str(tmp_path / "bad" / "model" / "model.safetensors"))
+
+    # The cause fixed (here: the injection removed), the same run resumes past the stop.
+    monkeypatch.setattr(loop, "bad_loss_reason", real)
+    resumed = run_pretraining(_job(synthetic_data, tmp_path, "bad", max_steps=6, checkpoint_every=2,
+                                   max_bad_steps=2))
+    last = resumed.metrics[-1]
+    assert resumed.stop_reason == "" and last["step"] == 6 and last["resumed_from_step"] == 4
+    assert not last["skipped"] and last["skipped_steps"] == 2
