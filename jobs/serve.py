@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, type=Path, help="model directory (plain or quantized)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: the GPU when there is one (bf16, CUDA-graph decoding), else the CPU")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
@@ -44,10 +46,17 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible here; use --device cpu")
     try:
         loaded = load_model_dir(args.checkpoint)
     except (FileNotFoundError, ValueError) as exc:
         parser.error(f"--checkpoint: {exc}")
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
+        if loaded.quantized:
+            parser.error("--checkpoint is a quantized (CPU inference) model: serve it with --device cpu")
+        loaded.model.to("cuda", torch.bfloat16)
     uvicorn.run(create_app(loaded), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

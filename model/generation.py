@@ -152,6 +152,24 @@ def graph_decoder(model, batch: int, max_len: int) -> Decoder:
     return decoder
 
 
+def make_decoder(model, batch: int, total_len: int, cuda_graphs: bool | None = None) -> Decoder:
+    """A decoder for prompts plus new tokens of up to `total_len`: the model's reusable
+    CUDA-graph decoder when `cuda_graphs` resolves on (auto: on a CUDA device; a failed
+    capture then falls back to eager decoding with a warning), else an eager one."""
+    # Rounded up so that nearby lengths share one captured graph; eager decoding uses the
+    # same size, so that both run attention over the same (masked) cache shape.
+    max_len = math.ceil(total_len / MAX_LEN_BUCKET) * MAX_LEN_BUCKET
+    if resolve_cuda_graphs(cuda_graphs, model.lm_head.weight.device):
+        try:
+            return graph_decoder(model, batch, max_len)
+        except Exception as exc:  # noqa: BLE001 - auto mode keeps working on an odd setup
+            if cuda_graphs:
+                raise
+            log.warning("decode: CUDA graph capture failed (%r); decoding eagerly "
+                        "(cuda_graphs=False skips the attempt, True makes it an error)", exc)
+    return Decoder(model, batch, max_len, cuda_graphs=False)
+
+
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
@@ -164,21 +182,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
     decoding eagerly with a warning if the capture fails; True = required.
     """
     B, T = input_ids.shape
-    # Rounded up so that nearby lengths share one captured graph; eager decoding uses the
-    # same size, so that both run attention over the same (masked) cache shape.
-    max_len = math.ceil((T + max_new_tokens) / MAX_LEN_BUCKET) * MAX_LEN_BUCKET
-    decoder, check_every = None, 1
-    if resolve_cuda_graphs(cuda_graphs, model.lm_head.weight.device):
-        try:
-            decoder = graph_decoder(model, B, max_len)
-            check_every = 16  # an all-done check syncs the host; graphs let the host run ahead
-        except Exception as exc:  # noqa: BLE001 - auto mode keeps working on an odd setup
-            if cuda_graphs:
-                raise
-            log.warning("decode: CUDA graph capture failed (%r); decoding eagerly "
-                        "(cuda_graphs=False skips the attempt, True makes it an error)", exc)
-    if decoder is None:
-        decoder = Decoder(model, B, max_len, cuda_graphs=False)
+    decoder = make_decoder(model, B, T + max_new_tokens, cuda_graphs)
+    check_every = 1 if decoder.graph is None else 16  # an all-done check syncs the host
     out = torch.empty(B, T + max_new_tokens, dtype=input_ids.dtype, device=input_ids.device)
     out[:, :T] = input_ids
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)

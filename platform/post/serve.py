@@ -28,7 +28,7 @@ from fastapi import FastAPI, HTTPException
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field, model_validator
 
-from mamba_slm.model.generation import sample_next
+from mamba_slm.model.generation import make_decoder, sample_next
 
 from .chat import prompt_ids, validate_messages
 from .loading import LoadedModel
@@ -62,11 +62,12 @@ def stream_token_ids(model, ids: list[int], max_new_tokens: int, eos_id: int, te
                      top_k: int, top_p: float, repetition_penalty: float,
                      generator: torch.Generator | None) -> Iterator[int]:
     """Yield sampled ids one at a time (the loop of `mamba_slm.model.generation.generate`,
-    as a generator); stops after EOS (yielded) or `max_new_tokens`."""
-    vocab = model.config.vocab_size
-    seen = torch.tensor([ids], dtype=torch.long)
-    cache = model.new_cache(1, max_len=len(ids) + max_new_tokens)
-    logits = model(seen, cache=cache).logits[:, -1, :vocab]
+    as a generator, on the model's device: a replayed CUDA graph per token on a GPU);
+    stops after EOS (yielded) or `max_new_tokens`. Not reentrant: the app holds a lock."""
+    device = model.lm_head.weight.device
+    seen = torch.tensor([ids], dtype=torch.long, device=device)
+    decoder = make_decoder(model, 1, len(ids) + max_new_tokens)
+    logits = decoder.prefill(seen)
     for _ in range(max_new_tokens):
         nxt = sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty, generator)
         token = int(nxt[0])
@@ -74,7 +75,7 @@ def stream_token_ids(model, ids: list[int], max_new_tokens: int, eos_id: int, te
         if token == eos_id:
             return
         seen = torch.cat([seen, nxt[:, None]], dim=1)
-        logits = model(nxt[:, None], cache=cache).logits[:, -1, :vocab]
+        logits = decoder.step(nxt)
 
 
 class IncrementalDecoder:
@@ -116,7 +117,8 @@ def create_app(loaded: LoadedModel) -> FastAPI:
         return ids
 
     def run(req: GenerateRequest, ids: list[int]) -> Iterator[int]:
-        generator = None if req.seed is None else torch.Generator().manual_seed(req.seed)
+        device = model.lm_head.weight.device
+        generator = None if req.seed is None else torch.Generator(device).manual_seed(req.seed)
         return stream_token_ids(model, ids, req.max_new_tokens, eos_id, req.temperature, req.top_k,
                                 req.top_p, req.repetition_penalty, generator)
 
