@@ -4,6 +4,7 @@ injected and survived, and what the sample ledger says was lost or repeated.
 
     python jobs/chaos.py                       # 24 steps, 3 crashes, 2 preemptions, 2 workers
     python jobs/chaos.py --seed 7 --steps 40 --crashes 5 --preemptions 3
+    python jobs/chaos.py --workers 2 --min-workers 1   # resubmissions on 1 or 2 workers
 
 The last line is always `faults injected N, survived N, samples lost N, repeated N`.
 Exit codes: 0 every fault survived with no sample lost or repeated, 1 otherwise, 2 bad
@@ -12,6 +13,7 @@ arguments.
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import sys
 import tempfile
@@ -26,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crashes", type=int, default=3, help="worker SIGKILLs (default 3)")
     p.add_argument("--preemptions", type=int, default=2, help="worker SIGTERMs (default 2)")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
+    p.add_argument("--min-workers", type=int, default=0,
+                   help="resubmit each time on a random number of workers in [min, --workers] "
+                        "(default 0: always --workers)")
     p.add_argument("--checkpoint-every", type=int, default=3, help="steps between checkpoints (default 3)")
     p.add_argument("--out", default="", help="working directory (default: a new temporary one)")
     return p
@@ -37,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 2 or args.crashes < 0 or args.preemptions < 0 or args.workers < 1 or args.checkpoint_every < 1:
         parser.error("--steps must be >= 2, --workers and --checkpoint-every >= 1, --crashes and "
                      "--preemptions >= 0")
+    if not 0 <= args.min_workers <= args.workers:
+        parser.error(f"--min-workers {args.min_workers} must be between 0 and --workers ({args.workers})")
     if args.crashes + args.preemptions > args.steps:
         parser.error(f"--crashes + --preemptions ({args.crashes + args.preemptions}) cannot exceed "
                      f"--steps ({args.steps}): at most one fault per step")
@@ -49,17 +56,20 @@ def main(argv: list[str] | None = None) -> int:
 
     data = write_synthetic_dataset(out / "data", seq_len=64, vocab_size=256, train_rows=512, val_rows=32,
                                    shards=2, row_group=64)
-    batch = 4 * args.workers
+    # Divisible by 2 x every worker count the run may get (micro-batch 2), at least 4 per worker.
+    base = 2 * math.lcm(*range(max(1, args.min_workers or args.workers), args.workers + 1))
+    batch = base * math.ceil(4 * args.workers / base)
 
-    def job_factory(hooks, max_failures):
+    def job_factory(hooks, max_failures, workers):
         t = TrainingConfig(max_steps=args.steps, global_batch_size=batch, micro_batch_size=2, warmup_steps=2,
                            checkpoint_every=args.checkpoint_every, seed=seed)
-        run = RunConfig(name=f"chaos-{seed}", num_workers=args.workers, output_dir=str(out / "run"),
+        run = RunConfig(name=f"chaos-{seed}", num_workers=workers, output_dir=str(out / "run"),
                         storage_path=str(out / "storage"), wandb=False, plot=False,
                         max_failures=max_failures, log_every=max(1, args.steps // 4))
         return resolve_job(t, DataConfig(path=str(data)), run, hooks=hooks)
 
-    report = run_chaos(job_factory, out, seed, args.steps, args.crashes, args.preemptions, args.workers)
+    report = run_chaos(job_factory, out, seed, args.steps, args.crashes, args.preemptions, args.workers,
+                       min_workers=args.min_workers)
     print(f"run directory: {out}")
     print(report.line())
     ok = report.finished and report.survived == report.injected and report.lost == 0 and report.repeated == 0

@@ -8,7 +8,10 @@ starts, a seeded plan scatters faults over its steps:
 - preempt: SIGTERM a random worker (the run checkpoints and ends; it is resubmitted,
   as a job controller would);
 - corrupt: after a preempted submission, damage the newest checkpoint (resume must
-  fall back to the previous good one).
+  fall back to the previous good one);
+- shrink/grow (with `min_workers`): each resubmission gets a random number of workers in
+  [min_workers, workers], as when a job controller restarts on whatever spot capacity is
+  left (the checkpoint is resumed through DeepSpeed's universal format).
 
 A fault is *survived* when the run still finished afterwards. Samples lost / repeated
 come from the final checkpoint's ledger (platform/fault/ledger.py).
@@ -57,8 +60,9 @@ def corrupt_newest(run_dir: Path, rng: random.Random) -> str:
 
 
 def run_chaos(job_factory, out: Path, seed: int, steps: int, crashes: int, preemptions: int,
-              workers: int, log=print) -> ChaosReport:
-    """`job_factory(hooks, max_failures)` -> JobSpec of the same run (same name/storage)."""
+              workers: int, log=print, min_workers: int = 0) -> ChaosReport:
+    """`job_factory(hooks, max_failures, num_workers)` -> JobSpec of the same run (same
+    name/storage). A fault planned for a rank that a smaller submission lacks does not fire."""
     from mamba_slm.platform.train.launcher import run_pretraining
 
     rng = random.Random(seed + 1)
@@ -69,10 +73,11 @@ def run_chaos(job_factory, out: Path, seed: int, steps: int, crashes: int, preem
              + [SignalAtSteps([s], markers / f"term-r{r}", rank=r, sig=signal.SIGTERM) for s, r in preempt])
     events, corruptions, submissions, result = [], 0, 0, None
     for submissions in range(1, preemptions + 2 + 1):
-        job = job_factory(hooks, crashes)
+        n = rng.randint(min_workers, workers) if min_workers and submissions > 1 else workers
+        job = job_factory(hooks, crashes, n)
         result = run_pretraining(job)
         last = result.last
-        events.append(f"submission {submissions}: ended at step {last.get('step')} "
+        events.append(f"submission {submissions} on {n} worker(s): ended at step {last.get('step')} "
                       f"(resumed from {last.get('resumed_from_step')}, preempted: {last.get('preempted') or 'no'})")
         log(events[-1])
         if last.get("step") == steps:  # a notice at the last step still ends with the final checkpoint

@@ -228,15 +228,16 @@ def write_merged_model(peft_model, job: FinetuneJob, step: int) -> Path:
 def run_finetune(job: FinetuneJob) -> Path:
     """Start (or join) Ray, run the TorchTrainer, return the merged model directory."""
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     from mamba_slm.platform.train.launcher import ensure_ray
+    from mamba_slm.platform.train.raytrainer import Trainer
 
     check_model_dir(job.checkpoint)
     local_mode = job.num_workers == 0
     if not local_mode:
         ensure_ray(job.use_gpu)
-    trainer = TorchTrainer(
+    trainer = Trainer(
         finetune_loop_per_worker,
         train_loop_config={"job": job.to_dict(), "local_mode": local_mode},
         torch_config=TorchConfig(backend="nccl" if job.use_gpu else "gloo"),

@@ -96,15 +96,17 @@ def ensure_ray(use_gpu: bool, include_dashboard: bool = False, log_to_driver: bo
 
 def run_pretraining(job: JobSpec) -> TrainResult:
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
+
+    from .raytrainer import Trainer
 
     run = job.run
     local_mode = run.num_workers == 0
     if not local_mode:  # local mode runs the loop in this process, no cluster needed
         ensure_ray(run.use_gpu)
     workers = (run.min_workers, run.num_workers) if run.min_workers else run.num_workers
-    def make_trainer() -> TorchTrainer:  # a fresh trainer per submission (fit_with_resubmission)
-        return TorchTrainer(
+    def make_trainer() -> Trainer:  # a fresh trainer per submission (fit_with_resubmission)
+        return Trainer(
             train_loop_per_worker,
             train_loop_config={"job": job.to_dict(), "hooks": job.hooks, "local_mode": local_mode,
                                "run_dir": str(Path(run.storage_path) / run.name)},
