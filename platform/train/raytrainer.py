@@ -1,14 +1,16 @@
-"""`TorchTrainer` with one Ray 2.60 bug worked around: a live run torn down on a busy head.
+"""`TorchTrainer` with one Ray 2.60 bug worked around: a live run torn down by its cleaner.
 
 Ray Train V2 starts a detached `PlacementGroupCleaner` per run that removes the run's
 placement group once the controller actor is dead. Its liveness test,
-`ray.train.v2._internal.state.util.is_actor_alive`, treats a *missing* State API answer as
-dead; a loaded head node (the dashboard answering slowly) gives such answers, and the
-cleaner then removes the placement group of a healthy run: every worker is killed with
-"Destroying worker since its placement group was removed" (seen in this project's CPU
-tests; ray-project/ray#65447 review names the cause). Here only a recorded DEAD state
-counts as dead; the cleaner still frees the placement group of a controller that really
-died. Remove this module when Ray fixes `is_actor_alive`.
+`ray.train.v2._internal.state.util.is_actor_alive`, asks the State API with no address, so
+on a machine running several Ray clusters it asks the newest one ("Found multiple active
+Ray instances ... Connecting to latest cluster"), which does not know the controller; and
+it treats that missing answer (or one lost on a busy head) as death. The cleaner then
+removes the placement group of a healthy run: every worker is killed with "Destroying
+worker since its placement group was removed" (seen in this project's tests; the review of
+ray-project/ray#65447 names the second cause). Here the cleaner asks its own cluster, and
+only a recorded DEAD state counts as dead; it still frees the placement group of a
+controller that really died. Remove this module when Ray fixes `is_actor_alive`.
 """
 from __future__ import annotations
 
@@ -20,10 +22,13 @@ log = logging.getLogger(__name__)
 
 
 def alive_unless_recorded_dead(actor_id: str, timeout: int) -> bool:
-    """No answer (None) is not death: the GCS keeps the record of an actor that died."""
+    """Ask this process's own cluster; no answer (None) is not death: the GCS keeps the
+    record of an actor that died."""
+    import ray
     from ray.util.state import get_actor
 
-    state = get_actor(actor_id, timeout=timeout)
+    address = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
+    state = get_actor(actor_id, address=address, timeout=timeout)
     return state is None or state.state != "DEAD"
 
 

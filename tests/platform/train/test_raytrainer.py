@@ -13,7 +13,7 @@ def test_only_a_recorded_death_is_death(monkeypatch):
     import ray.util.state
 
     answers = {"missing": None, "alive": SimpleNamespace(state="ALIVE"), "dead": SimpleNamespace(state="DEAD")}
-    monkeypatch.setattr(ray.util.state, "get_actor", lambda actor_id, timeout: answers[actor_id])
+    monkeypatch.setattr(ray.util.state, "get_actor", lambda actor_id, address=None, timeout=30: answers[actor_id])
     assert raytrainer.alive_unless_recorded_dead("missing", 1)
     assert raytrainer.alive_unless_recorded_dead("alive", 1)
     assert not raytrainer.alive_unless_recorded_dead("dead", 1)
@@ -33,7 +33,7 @@ def test_patient_cleaner_keeps_a_live_run(monkeypatch, missing_answers=3):
 
     answers = [None] * missing_answers + [SimpleNamespace(state="DEAD")]
     removed = []
-    monkeypatch.setattr("ray.util.state.get_actor", lambda actor_id, timeout: answers.pop(0))
+    monkeypatch.setattr("ray.util.state.get_actor", lambda actor_id, address=None, timeout=30: answers.pop(0))
     monkeypatch.setattr(module, "remove_placement_group", removed.append)
     monkeypatch.setattr(module, "is_actor_alive", module.is_actor_alive)  # restored after the test
     cleaner = raytrainer.PatientCleaner(controller_actor_id="c", check_interval_s=0.01, get_actor_timeout_s=1,
