@@ -22,13 +22,18 @@ log = logging.getLogger(__name__)
 
 
 def alive_unless_recorded_dead(actor_id: str, timeout: int) -> bool:
-    """Ask this process's own cluster; no answer (None) is not death: the GCS keeps the
-    record of an actor that died."""
+    """Ask this process's own cluster; no answer (None, or no State API at all) is not
+    death: the GCS keeps the record of an actor that died."""
     import ray
     from ray.util.state import get_actor
 
+    from ray.util.state.exception import RayStateApiException
+
     address = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
-    state = get_actor(actor_id, address=address, timeout=timeout)
+    try:
+        state = get_actor(actor_id, address=address, timeout=timeout)
+    except RayStateApiException:  # no dashboard (a local cluster started without one): unknown
+        return True
     return state is None or state.state != "DEAD"
 
 

@@ -11,10 +11,18 @@ from mamba_slm.platform.train import raytrainer
 
 def test_only_a_recorded_death_is_death(monkeypatch):
     import ray.util.state
+    from ray.util.state.exception import RayStateApiException
 
     answers = {"missing": None, "alive": SimpleNamespace(state="ALIVE"), "dead": SimpleNamespace(state="DEAD")}
-    monkeypatch.setattr(ray.util.state, "get_actor", lambda actor_id, address=None, timeout=30: answers[actor_id])
+
+    def get_actor(actor_id, address=None, timeout=30):
+        if actor_id == "no-dashboard":
+            raise RayStateApiException("no dashboard")
+        return answers[actor_id]
+
+    monkeypatch.setattr(ray.util.state, "get_actor", get_actor)
     assert raytrainer.alive_unless_recorded_dead("missing", 1)
+    assert raytrainer.alive_unless_recorded_dead("no-dashboard", 1)
     assert raytrainer.alive_unless_recorded_dead("alive", 1)
     assert not raytrainer.alive_unless_recorded_dead("dead", 1)
 
