@@ -117,21 +117,19 @@ def load_checkpoint(engine, path: Path, rank: int, world: int = 0, node: tuple[i
     the Adam moments and fp32 master weights carry over exactly. `node` is (node rank,
     local rank) of this worker."""
     saved = saved_world_size(path)
-    if world and saved and saved != world:
-        node_rank, local_rank = node
-        load_dir = _universal_copy(path, saved, world, node_rank, local_rank)
-        engine._config.load_universal_checkpoint = True  # read by load_checkpoint at call time
-        try:
-            load_path, _ = engine.load_checkpoint(str(load_dir), tag=DS_TAG, load_optimizer_states=True,
-                                                  load_lr_scheduler_states=False)
-        finally:
+    universal = bool(world and saved and saved != world)
+    node_rank, local_rank = node
+    load_dir = _universal_copy(path, saved, world, node_rank, local_rank) if universal else path
+    engine._config.load_universal_checkpoint = universal  # read by load_checkpoint at call time
+    try:
+        load_path, _ = engine.load_checkpoint(str(load_dir), tag=DS_TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+    finally:
+        if universal:
             engine._config.load_universal_checkpoint = False
             _barrier()
             if local_rank == 0:
                 shutil.rmtree(load_dir, ignore_errors=True)
-    else:
-        load_path, _ = engine.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint under {path}/{DS_TAG}")
     rng_file = path / f"rng_rank{rank}.pt"
