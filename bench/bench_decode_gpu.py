@@ -59,6 +59,27 @@ def timed(run) -> tuple[float, float, torch.Tensor]:
     return first, time.perf_counter() - t0, out
 
 
+def set_decode_levers(model, on: bool) -> None:
+    """Off: the decode step as it was before the levers of 2026-11-27 (session 3): no packed
+    q|k|v / gate|up matmuls, RoPE and cache writes in PyTorch instead of the Triton kernel.
+    (Fused add+norm has no switch: it is the model's forward.)"""
+    from mamba_slm.model.attention import Attention
+    from mamba_slm.model.layers import PackedLinears
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.use_kernel = on
+        for group in vars(m).values():
+            if isinstance(group, PackedLinears) and not on and group.weight is not None:
+                for name in group.names:  # own storage again: the packing lapses
+                    lin = getattr(group.owner, name)
+                    lin.weight.data = lin.weight.data.clone()
+    if on:
+        model.__dict__.pop("pack_for_decoding", None)
+    else:
+        model.pack_for_decoding = lambda: None
+    generation._GRAPH_DECODERS.pop(model, None)
+
+
 @torch.no_grad()
 def decode_rows(cfg: ModelConfig, prompt_len: int, new: int, sides: list[str]):
     """-> (rows, our model, greedy tokens per side, the prompt)."""
@@ -74,15 +95,25 @@ def decode_rows(cfg: ModelConfig, prompt_len: int, new: int, sides: list[str]):
         if family == "mamba_ssm":
             run = lambda: model.generate(prompt, max_length=prompt_len + new, cg=True, temperature=1.0, top_k=1)
         else:
-            graphs = side == "ours_graphs"
+            graphs = side != "ours_eager"
             run = lambda: model.generate(prompt, max_new_tokens=new, temperature=0, cuda_graphs=graphs)
+        unfused = side == "ours_graphs_unfused"
+        if unfused:
+            set_decode_levers(model, False)
         try:
             first, second, out = timed(run)
+            # the prompt alone, through the same decoder (its share of the per-token time)
+            prefill_ms = None if family == "mamba_ssm" else 1e3 * time_cuda(
+                lambda: generation.make_decoder(model, 1, prompt_len + new, graphs).prefill(prompt), 5) / 5
         except Exception as exc:  # noqa: BLE001 - report the other sides all the same
             print(f"{side} failed: {exc!r}", flush=True)
             continue
+        finally:
+            if unfused:
+                set_decode_levers(model, True)
         outs[side] = out[0, prompt_len:].tolist()
         rows.append(dict(side=side, tokens_per_s=round(new / second, 1), ms_per_token=round(second / new * 1e3, 3),
+                         prefill_ms=prefill_ms and round(prefill_ms, 1),
                          first_call_s=round(first, 2), params=sum(p.numel() for p in model.parameters())))
         print(json.dumps(rows[-1]), flush=True)
     models.pop("mamba_ssm", None)
@@ -177,14 +208,21 @@ def profile_step(model, prompt_len: int, bandwidth: float) -> list[dict]:
         block, state = model.layers[i], dec.cache.layers[i]
         mb = sum(p.numel() for p in block.parameters()) * 2 / 1e6
         n = cfg.layer_pattern.count(kind)
-        rows.append(dict(part=f"{kind} block", count=n, ms=graph_ms(lambda: block(h, state=state)), mb=mb))
-        linears = [m for m in block.modules() if isinstance(m, torch.nn.Linear)]
-        inputs = [torch.randn(1, 1, m.in_features, device="cuda", dtype=torch.bfloat16) for m in linears]
-        rows.append(dict(part=f"  {kind} block: its {len(linears)} matmuls alone", count=n,
-                         ms=graph_ms(lambda: [m(x) for m, x in zip(linears, inputs)]), mb=mb))
+        rows.append(dict(part=f"{kind} block", count=n, ms=graph_ms(lambda: block(h, h, state=state)), mb=mb))
+        # the matmuls the step runs: one per Linear, one per packed group (q|k|v, gate|up)
+        shapes = {id(m): tuple(m.weight.shape) for m in block.modules() if isinstance(m, torch.nn.Linear)}
+        for group in (getattr(block.feed_forward, "gate_up", None), getattr(block.mixer, "qkv", None)):
+            if group is not None and group.packed() is not None:
+                for name in group.names:
+                    shapes.pop(id(getattr(group.owner, name)))
+                shapes[id(group)] = tuple(group.weight.shape)
+        weights = [torch.randn(s, device="cuda", dtype=torch.bfloat16) for s in shapes.values()]
+        inputs = [torch.randn(1, 1, w.shape[1], device="cuda", dtype=torch.bfloat16) for w in weights]
+        rows.append(dict(part=f"  {kind} block: its {len(weights)} matmuls alone", count=n,
+                         ms=graph_ms(lambda: [torch.nn.functional.linear(x, w) for w, x in zip(weights, inputs)]), mb=mb))
     head_mb = model.lm_head.weight.numel() * 2 / 1e6
     rows.append(dict(part="final norm + lm_head", count=1, mb=head_mb,
-                     ms=graph_ms(lambda: model.lm_head(model.final_norm(h)))))
+                     ms=graph_ms(lambda: model.lm_head(model.final_norm(h, h)[0]))))
     for r in rows:
         r["total_ms"] = round(r["ms"] * r["count"], 3)
         r["ms"] = round(r["ms"], 4)
@@ -210,8 +248,9 @@ def main(argv=None) -> int:
     p.add_argument("--size", default="1.3B")
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new", type=int, default=256)
-    p.add_argument("--sides", nargs="+", default=["ours_eager", "ours_graphs", "mamba_ssm_graphs"],
-                   choices=["ours_eager", "ours_graphs", "mamba_ssm_graphs"])
+    sides = ["ours_eager", "ours_graphs_unfused", "ours_graphs", "mamba_ssm_graphs"]
+    p.add_argument("--sides", nargs="+", default=sides, choices=sides,
+                   help="ours_graphs_unfused: CUDA graphs without the packed matmuls and the RoPE kernel")
     p.add_argument("--check-tokens", type=int, default=32, help="greedy tokens that must agree, graph vs eager")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--compiled", action="store_true",
@@ -226,12 +265,13 @@ def main(argv=None) -> int:
     cfg = ModelConfig.from_name(args.size)
     rows, ours, outs, prompt = decode_rows(cfg, args.prompt, args.new, args.sides)
     status = 0
-    if "ours_eager" in outs and "ours_graphs" in outs:
-        agree = first_divergence(outs["ours_eager"], outs["ours_graphs"])
-        ok = agree >= min(args.check_tokens, args.new)
-        print(f"greedy tokens, graphs vs eager: identical for the first {agree} of {args.new} "
-              f"({'OK' if ok else 'MISMATCH'})", flush=True)
-        status = 0 if ok else 1
+    for side in ("ours_graphs_unfused", "ours_graphs"):
+        if "ours_eager" in outs and side in outs:
+            agree = first_divergence(outs["ours_eager"], outs[side])
+            ok = agree >= min(args.check_tokens, args.new)
+            print(f"greedy tokens, {side} vs eager: identical for the first {agree} of {args.new} "
+                  f"({'OK' if ok else 'MISMATCH'})", flush=True)
+            status = status or (0 if ok else 1)
     if args.compiled and ours is not None:
         try:
             row, toks = compiled_reference_decode(ours, prompt, args.new)

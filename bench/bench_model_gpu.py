@@ -88,7 +88,16 @@ def build(side: str, cfg: ModelConfig):
     return model.cuda(), loss, sum(p.numel() for p in model.parameters()), n_attn
 
 
-def bench_train(side, cfg, seq, tokens_per_step, steps, warmup, ceiling, checkpointing=False):
+def kernel_table(step, rows: int = 25) -> str:
+    """torch.profiler's CUDA kernels over one call of step(), by total time."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=80)
+
+
+def bench_train(side, cfg, seq, tokens_per_step, steps, warmup, ceiling, checkpointing=False, profile_to=None):
     torch.manual_seed(0)
     torch.cuda.reset_peak_memory_stats()
     model, loss_fn, n_params, n_attn = build(side, cfg)
@@ -115,6 +124,9 @@ def bench_train(side, cfg, seq, tokens_per_step, steps, warmup, ceiling, checkpo
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
     tok_s = batch * seq / dt
+    if profile_to:
+        with open(profile_to, "w") as f:
+            f.write(f"{side}, seq {seq}, one training step\n{kernel_table(step)}\n")
     flops_tok = 6 * n_params + 12 * n_attn * cfg.hidden_size * seq
     row = dict(kind="train", side=side, size=cfg.name, seq=seq, batch=batch, params=n_params,
                tokens_per_s=round(tok_s), step_ms=round(dt * 1e3, 1),
@@ -148,6 +160,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (ours only)")
     p.add_argument("--out", default=None, help="append JSON lines here")
+    p.add_argument("--profile-dir", default=None,
+                   help="write torch.profiler's top kernels of one step per side and length here")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
@@ -160,8 +174,9 @@ def main(argv=None) -> int:
         cfg = ModelConfig.from_name(args.size, max_seq_len=max(seq, 8192))
         for side in args.sides:
             try:
+                profile_to = args.profile_dir and f"{args.profile_dir}/train_{side}_{seq}.txt"
                 row = bench_train(side, cfg, seq, args.tokens, args.steps, args.warmup, ceiling,
-                                  args.checkpointing and side != "mamba_ssm")
+                                  args.checkpointing and side != "mamba_ssm", profile_to)
             except torch.OutOfMemoryError:
                 row = dict(kind="train", side=side, size=args.size, seq=seq, tokens_per_s="OOM")
                 torch.cuda.empty_cache()

@@ -22,7 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .layers import RotaryEmbedding, apply_rotary
+from .kernels import rope_cache_update, rope_cache_update_ref, triton
+from .layers import PackedLinears, RotaryEmbedding, apply_rotary
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         self.o_proj._is_residual_proj = True
         self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_seq_len)
+        self.qkv = PackedLinears(self, ("q_proj", "k_proj", "v_proj"))  # one GEMV per decode step
+        self.use_kernel = True  # Triton decode glue on a GPU; the model clears it for ssm_path="reference"
         self._impl: str | None = None
 
     def impl(self, device: torch.device) -> str:
@@ -99,12 +102,12 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None,
                 state: KVState | None = None) -> torch.Tensor:
         b, T, _ = x.shape
+        if state is not None and T == 1:
+            return self.o_proj(self._decode_step(x, state))
         q = self.q_proj(x).view(b, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(b, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if state is not None and T == 1:
-            out = self._decode_step(q, k, v, state)  # (B, 1, H * D)
-        elif state is not None:
+        if state is not None:
             out = self._prefill(q, k, v, state)
         else:
             cos, sin = self.rotary(torch.arange(T, device=x.device))
@@ -130,14 +133,18 @@ class Attention(nn.Module):
             out = self._sdpa(q, state.k[:, :, :start + T], state.v[:, :, :start + T], None, start)
         return out.transpose(1, 2).reshape(b, T, -1)
 
-    def _decode_step(self, q, k, v, state: KVState) -> torch.Tensor:
-        """One token per row at position `state.offset`; no host sync, fixed shapes."""
-        b = q.shape[0]
-        cos, sin = state.rope.index_select(0, state.offset).unbind(1)  # (1, rotary_dim) each
-        qk = apply_rotary(torch.cat([q, k], dim=1), cos, sin)  # one rotary pass for q and k
-        q, k = qk.split([self.n_heads, self.n_kv_heads], dim=1)
-        state.k.index_copy_(2, state.offset, k.to(state.k.dtype))  # autocast may hand bf16 to an fp32 cache
-        state.v.index_copy_(2, state.offset, v.to(state.v.dtype))
+    def _decode_step(self, x: torch.Tensor, state: KVState) -> torch.Tensor:
+        """One token per row (x (B, 1, hidden)) at position `state.offset`; no host sync,
+        fixed shapes. One matmul for q|k|v when packed, then RoPE and the cache writes in
+        one Triton kernel on a GPU (`rope_cache_update`), PyTorch otherwise."""
+        b = x.shape[0]
+        packed = self.qkv.packed()
+        if packed is not None:
+            qkv = F.linear(x[:, 0], packed)
+        else:
+            qkv = torch.cat([self.q_proj(x[:, 0]), self.k_proj(x[:, 0]), self.v_proj(x[:, 0])], dim=-1)
+        update = rope_cache_update if self.use_kernel and triton is not None and x.is_cuda else rope_cache_update_ref
+        q = update(qkv, state.rope, state.offset, state.k, state.v, self.n_heads, self.head_dim)  # (B, H, D)
         valid = (state.key_pos <= state.offset)[None]  # (1, max_len): filled positions, this one included
         # GQA without repeating keys: the n_heads / n_kv_heads query heads of a group
         # (consecutive heads, as `enable_gqa` groups them) become that many queries

@@ -87,6 +87,8 @@ class Decoder:
 
     def __init__(self, model, batch: int, max_len: int, cuda_graphs: bool | None = None):
         device = model.lm_head.weight.device
+        if device.type == "cuda":
+            model.pack_for_decoding()
         self._model = weakref.ref(model)
         self.vocab = model.config.vocab_size
         self.cache = model.new_cache(batch, max_len)
@@ -140,6 +142,7 @@ class Decoder:
 def graph_decoder(model, batch: int, max_len: int) -> Decoder:
     """The model's CUDA-graph decoder for this shape, captured on first use and reused
     while the batch, cache length, autocast and parameter storage stay the same."""
+    model.pack_for_decoding()  # before the key: packing moves the weights once
     key = (batch, max_len, torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
            tuple(p.data_ptr() for p in model.parameters()))
     decoder = _GRAPH_DECODERS.get(model)

@@ -61,7 +61,14 @@ class LMOutput:
 
 
 class Block(nn.Module):
-    """One layer: either mixer behind the same forward(x, seq_idx, state) interface."""
+    """One layer: either mixer behind the same forward(x, seq_idx, state) interface.
+
+    The residual stream travels beside the block output, as in mamba-ssm's `Block`:
+    forward(hidden, residual) -> (feed_forward output, residual), and each residual add
+    happens inside the next RMSNorm (`RMSNorm(x, residual)`, one fused kernel on a GPU),
+    so a layer launches no separate add kernels. The sum is the same as the
+    `h = x + mixer(norm(x)); out = h + ff(norm(h))` of the docstring above.
+    """
 
     def __init__(self, cfg: ModelConfig, kind: str):
         super().__init__()
@@ -71,9 +78,16 @@ class Block(nn.Module):
         self.pre_ff_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.feed_forward = SwiGLU(cfg.hidden_size, cfg.mlp_hidden_size)
 
-    def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None, state=None) -> torch.Tensor:
-        h = x + self.mixer(self.input_layernorm(x), seq_idx=seq_idx, state=state)
-        return h + self.feed_forward(self.pre_ff_layernorm(h))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                seq_idx: torch.Tensor | None = None, state=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous block's output (the embedding for the first block, with
+        residual None) -> (this block's MLP output, the residual stream before it)."""
+        if residual is None:
+            normed, residual = self.input_layernorm(x), x
+        else:
+            normed, residual = self.input_layernorm(x, residual)
+        normed, residual = self.pre_ff_layernorm(self.mixer(normed, seq_idx=seq_idx, state=state), residual)
+        return self.feed_forward(normed), residual
 
 
 class HybridLM(nn.Module):
@@ -90,7 +104,7 @@ class HybridLM(nn.Module):
         self.gradient_checkpointing = False
         if cfg.ssm_path == "reference":
             for module in self.modules():
-                if isinstance(module, RMSNorm):
+                if isinstance(module, (RMSNorm, Attention)):
                     module.use_kernel = False
         self.reset_parameters()
 
@@ -108,6 +122,15 @@ class HybridLM(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, 0.0, std)
+
+    @torch.no_grad()
+    def pack_for_decoding(self) -> None:
+        """Pack q|k|v and gate|up weights for one matmul each (see `PackedLinears`); done by
+        the decoders on a GPU, where a batch-1 step is a chain of GEMVs. A no-op for
+        modules already packed, or swapped for LoRA/quantized ones."""
+        for module in self.modules():
+            if isinstance(module, (SwiGLU, Attention)):
+                (module.gate_up if isinstance(module, SwiGLU) else module.qkv).pack()
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block's activations in backward (one checkpoint per block)."""
@@ -152,14 +175,14 @@ class HybridLM(nn.Module):
             if seq_idx is not None:
                 raise ValueError("seq_idx (packed documents) is for training; decode one document per row")
             cache.check_room(input_ids.shape[1])
-        h = self.embed_tokens(input_ids)  # (B, T, hidden)
+        h, residual = self.embed_tokens(input_ids), None  # (B, T, hidden)
         for i, block in enumerate(self.layers):
             state = None if cache is None else cache.layers[i]
             if self.gradient_checkpointing and self.training and cache is None:
-                h = checkpoint(block, h, seq_idx, use_reentrant=False)
+                h, residual = checkpoint(block, h, residual, seq_idx, use_reentrant=False)
             else:
-                h = block(h, seq_idx=seq_idx, state=state)
-        h = self.final_norm(h)
+                h, residual = block(h, residual, seq_idx=seq_idx, state=state)
+        h = self.final_norm(h, residual)[0]
         if cache is not None:
             cache.advance(input_ids.shape[1])
         if labels is not None and not return_logits:

@@ -24,9 +24,17 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.use_kernel = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); with `residual`, the pre-norm residual step fused into one pass:
+        returns (norm(x + residual), x + residual), the sum kept in residual's dtype
+        (mamba-ssm's fused add+norm: one read of each input instead of an add kernel)."""
         if self.use_kernel and rms_norm_fn is not None and x.is_cuda:
-            return rms_norm_fn(x, self.weight, None, eps=self.eps)
+            if residual is None:
+                return rms_norm_fn(x, self.weight, None, eps=self.eps)
+            return rms_norm_fn(x, self.weight, None, residual=residual, prenorm=True, eps=self.eps)
+        if residual is not None:
+            summed = (residual + x).to(residual.dtype)
+            return self.forward(summed), summed
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (self.weight * xf).to(x.dtype)
@@ -49,6 +57,51 @@ class GatedRMSNorm(nn.Module):
         return (self.weight * groups.flatten(-2)).to(x.dtype)
 
 
+class PackedLinears:
+    """Bias-free `nn.Linear`s that read one input, made rows of one weight tensor so that
+    one matmul computes them all (one GEMV instead of two or three per decode step).
+
+    The parameters stay separate (state dict, optimizers and converters see the same
+    names) but become views of the packed tensor, so the packing costs no memory. It is
+    used for inference only (`packed()` is None while autograd records: gradients would
+    not reach the views), and it lapses by itself when a parameter stops being a view of
+    it (`model.to(dtype)`, a LoRA or quantized module swapped in, DeepSpeed's flat buffers).
+    """
+
+    def __init__(self, owner: nn.Module, names: tuple[str, ...]):
+        self.owner, self.names = owner, names  # owner holds this object, so no cycle issue
+        self.weight: torch.Tensor | None = None
+        self._ptrs: tuple[int, ...] = ()
+
+    def _linears(self) -> list[nn.Module]:
+        return [getattr(self.owner, n) for n in self.names]
+
+    def pack(self) -> None:
+        linears = self._linears()
+        if self._valid() or any(type(m) is not nn.Linear or m.bias is not None for m in linears):
+            return
+        packed = torch.cat([m.weight.detach() for m in linears])
+        start = 0
+        for m in linears:
+            rows = m.weight.shape[0]
+            m.weight.data = packed[start:start + rows]
+            start += rows
+        self.weight, self._ptrs = packed, tuple(m.weight.data_ptr() for m in linears)
+
+    def _valid(self) -> bool:
+        if self.weight is None:
+            return False
+        linears = self._linears()
+        if any(type(m) is not nn.Linear for m in linears) or tuple(m.weight.data_ptr() for m in linears) != self._ptrs:
+            self.weight = None  # lapsed: let the old storage go
+            return False
+        return True
+
+    def packed(self) -> torch.Tensor | None:
+        """The packed weight, or None (not packed, lapsed, or autograd recording)."""
+        return None if torch.is_grad_enabled() or not self._valid() else self.weight
+
+
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)) (Shazeer 2020); names match transformers' Bamba MLP."""
 
@@ -58,9 +111,15 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
         self.down_proj._is_residual_proj = True
+        self.gate_up = PackedLinears(self, ("gate_proj", "up_proj"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        packed = self.gate_up.packed()
+        if packed is not None:
+            gate, up = F.linear(x, packed).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict | None, max_seq_len: int) -> torch.Tensor:

@@ -166,3 +166,33 @@ def test_kernel_decode_step_matches_reference_step():
     err = ((got - want).abs().max() / want.abs().max()).item()
     print(f"\ndecode step, kernel vs reference (fp32): rel err {err:.2e}")
     assert err < 1.5e-2  # as the whole-model check of test_kernel_parity.py (TF32 dots in the SSD)
+
+
+def test_packed_projections_decode_the_same_and_leave_training_alone():
+    """pack_for_decoding: q|k|v and gate|up become views of one tensor each; decoding is
+    unchanged, parameters keep their names and values, autograd never sees the packed
+    tensor, and a dtype change lapses the packing instead of reading stale weights."""
+    model = _model("AMAM")
+    ids = torch.randint(0, 4000, (2, 20))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        want, _ = _decode_logits(model, ids, prompt_len=5)
+    model.pack_for_decoding()
+    attn, mlp = model.layers[0].mixer, model.layers[0].feed_forward
+    assert attn.qkv.weight is not None and attn.q_proj.weight.data_ptr() == attn.qkv.weight.data_ptr()
+    assert mlp.up_proj.weight.data_ptr() == mlp.gate_up.weight[mlp.gate_proj.weight.shape[0]:].data_ptr()
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    with torch.no_grad():
+        got, _ = _decode_logits(model, ids, prompt_len=5)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert attn.qkv.packed() is None  # grad mode: the separate projections run
+    model(ids, labels=ids).loss.backward()
+    assert attn.q_proj.weight.grad is not None and mlp.gate_proj.weight.grad is not None
+    model.pack_for_decoding()  # already packed: the same storage stays
+    assert attn.q_proj.weight.data_ptr() == attn.qkv.weight.data_ptr()
+    model.double()
+    with torch.no_grad():
+        assert attn.qkv.packed() is None and mlp.gate_up.packed() is None
+        again, _ = _decode_logits(model, ids.clone(), prompt_len=5)
+    torch.testing.assert_close(again.float(), want, atol=1e-5, rtol=1e-5)

@@ -163,7 +163,7 @@ def test_chunked_loss_equals_full_loss_and_gradients():
 
 
 def _hidden(model, ids):
-    h = model.embed_tokens(ids)
+    h, residual = model.embed_tokens(ids), None
     for block in model.layers:
-        h = block(h)
-    return h
+        h, residual = block(h, residual)
+    return h + residual
