@@ -24,7 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from mamba_slm.model import HybridLM, ModelConfig
+from mamba_slm.model import HybridLM, ModelConfig, layers
 
 
 def matmul_ceiling_tflops(n: int = 8192, iters: int = 10) -> float:
@@ -62,11 +62,23 @@ def build(side: str, cfg: ModelConfig):
     """-> (model, loss(ids (B, T+1)) -> scalar, n_params, n_attention_layers).
     Ours computes the loss the way training does (chunked cross-entropy); mamba-ssm's
     model returns logits and the loss is taken on them."""
-    if side in ("ours", "attention"):
+    if side in ("ours", "ours_plain", "attention"):
         if side == "attention":
             cfg = equal_param_attention_config(cfg)
         model = HybridLM(cfg)
         loss = lambda ids: model(ids[:, :-1], labels=ids[:, 1:], return_logits=False).loss
+        if side == "ours_plain":
+            # Ours without the training levers of 2026-11-27 (session 3), for a side-by-side
+            # ratio: the loss through lm_head's module forward, recomputed in backward (the
+            # path a ZeRO-3 head takes; it looks for `ds_id`), and no torch.compile of the
+            # SwiGLU activation and RoPE. Fused add+norm has no switch.
+            model.lm_head.weight.ds_id = -1
+            def loss(ids, inner=loss):
+                layers.COMPILE_ON_GPU = False
+                try:
+                    return inner(ids)
+                finally:
+                    layers.COMPILE_ON_GPU = True
     elif side == "mamba_ssm":
         from mamba_ssm.models.config_mamba import MambaConfig
         from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
@@ -84,7 +96,7 @@ def build(side: str, cfg: ModelConfig):
                                            ids[:, 1:].flatten())
     else:
         raise ValueError(side)
-    n_attn = cfg.n_layers if side == "attention" else cfg.layer_pattern.count("A")
+    n_attn = cfg.layer_pattern.count("A")  # the attention side's cfg is all "A"
     return model.cuda(), loss, sum(p.numel() for p in model.parameters()), n_attn
 
 
@@ -153,7 +165,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["train"])
     p.add_argument("--size", default="1.3B")
-    p.add_argument("--sides", nargs="+", default=["ours", "mamba_ssm", "attention"])
+    p.add_argument("--sides", nargs="+", default=["ours", "mamba_ssm", "attention"],
+                   choices=["ours", "ours_plain", "mamba_ssm", "attention"])
     p.add_argument("--seqs", nargs="+", type=int, default=[2048, 8192])
     p.add_argument("--tokens", type=int, default=16384, help="tokens per training step")
     p.add_argument("--steps", type=int, default=8)

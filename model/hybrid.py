@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import Attention
 from .config import ATTENTION, ModelConfig
 from .layers import RMSNorm, SwiGLU
+from .loss import linear_cross_entropy
 from .mamba2 import Mamba2Mixer
 
 
@@ -195,9 +196,15 @@ class HybridLM(nn.Module):
 
     def chunked_loss(self, h: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 4096) -> torch.Tensor:
         """Mean cross-entropy without materialising (B*T, V) logits: the vocabulary
-        projection and loss run per chunk of tokens and are recomputed in backward, so
-        peak memory holds one chunk's fp32 logits (Liger/Unsloth-style chunked CE)."""
+        projection and loss run per chunk of tokens, so peak memory holds one chunk's fp32
+        logits (Liger/Unsloth-style chunked CE). With a plain lm_head the chunk gradients
+        are computed in the forward pass (`loss.linear_cross_entropy`); a ZeRO-3
+        partitioned or wrapped (LoRA) head goes through its module forward per chunk,
+        recomputed in backward, so that its hooks gather the weight each time."""
         h, labels = h.flatten(0, 1), labels.flatten()
+        if type(self.lm_head) is nn.Linear and not hasattr(self.lm_head.weight, "ds_id"):
+            total = linear_cross_entropy(h, self.lm_head.weight, labels, chunk_tokens)
+            return total / (labels != -100).sum().clamp(min=1)
         total = h.new_zeros((), dtype=torch.float32)
         for h_c, y_c in zip(h.split(chunk_tokens), labels.split(chunk_tokens)):
             total = total + checkpoint(self._ce_sum, h_c, y_c, use_reentrant=False)

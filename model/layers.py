@@ -1,11 +1,35 @@
 """Small building blocks: RMSNorm (plain and gated), SwiGLU MLP, rotary embeddings."""
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+# Elementwise chains (SwiGLU's activation, RoPE) run through torch.compile on a GPU: one
+# fused Triton kernel forward and one backward instead of 4-10 kernels that each read and
+# write the full activation. MAMBA_SLM_COMPILE=0 turns it off (the benchmarks toggle it).
+COMPILE_ON_GPU = os.environ.get("MAMBA_SLM_COMPILE", "1") != "0"
+
+
+def fused_on_gpu(fn):
+    """`fn` compiled by torch.compile when its first argument is a CUDA tensor (compiled
+    on first use, recompiled per dtype and, after the first change, shape-generic); the
+    plain function on a CPU, when COMPILE_ON_GPU is off, or inside an outer compile."""
+    compiled = None
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        nonlocal compiled
+        if not (COMPILE_ON_GPU and args[0].is_cuda) or torch.compiler.is_compiling():
+            return fn(*args)
+        if compiled is None:
+            compiled = torch.compile(fn, fullgraph=True)
+        return compiled(*args)
+    return wrapper
 
 try:  # Triton RMSNorm from mamba-ssm: saves only the input and 1/rms for backward
     from mamba_ssm.ops.triton.layer_norm import rms_norm_fn
@@ -119,7 +143,12 @@ class SwiGLU(nn.Module):
             gate, up = F.linear(x, packed).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_mul(gate, up))
+
+
+@fused_on_gpu
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
 
 
 def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict | None, max_seq_len: int) -> torch.Tensor:
@@ -168,6 +197,7 @@ class RotaryEmbedding(nn.Module):
         return emb.cos(), emb.sin()
 
 
+@fused_on_gpu
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (B, H, T, D); rotate-half convention on the first cos.shape[-1] channels."""
     rd = cos.shape[-1]
