@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 
@@ -13,12 +14,15 @@ import torch.nn.functional as F
 # fused Triton kernel forward and one backward instead of 4-10 kernels that each read and
 # write the full activation. MAMBA_SLM_COMPILE=0 turns it off (the benchmarks toggle it).
 COMPILE_ON_GPU = os.environ.get("MAMBA_SLM_COMPILE", "1") != "0"
+log = logging.getLogger(__name__)
 
 
 def fused_on_gpu(fn):
     """`fn` compiled by torch.compile when its first argument is a CUDA tensor (compiled
     on first use, recompiled per dtype and, after the first change, shape-generic); the
-    plain function on a CPU, when COMPILE_ON_GPU is off, or inside an outer compile."""
+    plain function on a CPU, when COMPILE_ON_GPU is off, or inside an outer compile. If
+    compiling fails (say, no C compiler for Triton's launcher), it warns once and stays
+    with the plain function."""
     compiled = None
 
     @functools.wraps(fn)
@@ -28,7 +32,15 @@ def fused_on_gpu(fn):
             return fn(*args)
         if compiled is None:
             compiled = torch.compile(fn, fullgraph=True)
-        return compiled(*args)
+        try:
+            return compiled(*args)
+        except Exception as exc:  # noqa: BLE001 - a speed-up only; the plain function is exact
+            if compiled is fn:
+                raise
+            log.warning("torch.compile of %s failed (%r); running it uncompiled "
+                        "(MAMBA_SLM_COMPILE=0 skips the attempt)", fn.__name__, exc)
+            compiled = fn
+            return fn(*args)
     return wrapper
 
 try:  # Triton RMSNorm from mamba-ssm: saves only the input and 1/rms for backward

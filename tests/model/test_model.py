@@ -167,3 +167,35 @@ def _hidden(model, ids):
     for block in model.layers:
         h, residual = block(h, residual)
     return h + residual
+
+
+def test_fused_on_gpu_runs_plain_on_cpu_and_falls_back_when_compile_fails(monkeypatch, caplog):
+    from mamba_slm.model import layers
+
+    calls = []
+
+    def double(x):
+        calls.append(x.device.type)
+        return x * 2
+
+    wrapped = layers.fused_on_gpu(double)
+    x = torch.ones(3)
+    assert torch.equal(wrapped(x), x * 2) and calls == ["cpu"]  # CPU: never compiled
+
+    def broken_compile(fn, **kw):
+        def run(*a):
+            raise RuntimeError("no C compiler")
+        return run
+
+    class FakeCuda:  # a tensor that says it is on CUDA, to reach the compile branch
+        is_cuda = True
+        device = torch.device("cpu")
+
+        def __mul__(self, k):
+            return k
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    wrapped = layers.fused_on_gpu(double)
+    with caplog.at_level("WARNING"):
+        assert wrapped(FakeCuda()) == 2 and wrapped(FakeCuda()) == 2
+    assert sum("torch.compile of double failed" in r.message for r in caplog.records) == 1
