@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -36,6 +38,9 @@ def main() -> int:
     p.add_argument("--cases", default="z2x1,z3x2", help=f"comma list of {sorted(CASES)}")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--work-dir", default="/tmp/bench_train_gpu")
+    p.add_argument("--case-timeout", type=float, default=None,
+                   help="seconds per case; a case stopped by it still reports the steps it logged "
+                        "(e.g. when the final ZeRO-3 model save is what takes long)")
     args = p.parse_args()
     import torch
 
@@ -74,22 +79,30 @@ def run_case(args, case: str, stage: int, gpus: int, data: Path, work: Path) -> 
         cmd.append("--activation-checkpointing")
     print("$", " ".join(cmd), flush=True)
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=REPO)
+    # its own process group, so that a timeout also stops the local Ray the job started
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True)
+    try:
+        returncode = proc.wait(timeout=args.case_timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        returncode = "timeout"
     wall = time.time() - t0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] \
         if (out / "metrics.jsonl").is_file() else []
     shutil.rmtree(work / "storage", ignore_errors=True)
     shutil.rmtree(out / "model", ignore_errors=True)
     steady = [r for r in records if r["step"] > args.warmup_steps and not r["skipped"]]
-    if proc.returncode != 0 or not steady:
-        return {"case": case, "stage": stage, "gpus": gpus, "error": f"exit {proc.returncode}", "wall": wall}
+    if returncode not in (0, "timeout") or not steady:
+        return {"case": case, "stage": stage, "gpus": gpus, "error": f"exit {returncode}", "wall": wall}
     tps = statistics.median(r["tokens_per_s"] for r in steady)
     mfu = [r["mfu"] for r in steady if r["mfu"] is not None]
     return {"case": case, "stage": stage, "gpus": gpus, "tokens_per_s": tps, "per_gpu": tps / gpus,
             "mfu": statistics.median(mfu) if mfu else None, "step_s": statistics.median(r["step_time_s"] for r in steady),
             "mem_alloc": max(r.get("mem_allocated_gb", 0) for r in records),
             "mem_reserved": max(r.get("mem_reserved_gb", 0) for r in records),
-            "loss": f"{records[0]['loss']:.2f}->{records[-1]['loss']:.2f}", "wall": wall}
+            "loss": f"{records[0]['loss']:.2f}->{records[-1]['loss']:.2f}", "wall": wall,
+            "finished": returncode == 0}
 
 
 def print_table(rows: list[dict], device: str, args) -> None:
@@ -105,7 +118,7 @@ def print_table(rows: list[dict], device: str, args) -> None:
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         print(f"{r['case']:6} {r['stage']:>4} {r['gpus']:>4} {r['tokens_per_s']:>10,.0f} {r['per_gpu']:>10,.0f} "
               f"{mfu:>6} {r['step_s']:>7.2f} {r['mem_alloc']:>9.1f} {r['mem_reserved']:>8.1f} {r['loss']:>12} "
-              f"{r['wall']:>7.0f}")
+              f"{r['wall']:>7.0f}" + ("" if r["finished"] else "  (stopped by --case-timeout after these steps)"))
     print("memory: peak of rank 0 (torch.cuda.max_memory_allocated / reserved)")
 
 
