@@ -114,6 +114,9 @@ def test_save_and_load_round_trip(tmp_path):
     ids = torch.randint(0, 4000, (1, 20))
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)
     assert loaded.lm_head.weight is loaded.embed_tokens.weight
+    model.pack_for_decoding()  # weights become views of packed tensors: still saved one by one
+    save_pretrained(model, tmp_path / "packed")
+    torch.testing.assert_close(load_pretrained(tmp_path / "packed")(ids).logits, model(ids).logits, atol=0, rtol=0)
 
 
 def test_kernel_path_missing_is_a_clear_error():
