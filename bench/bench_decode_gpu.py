@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from bench_model_gpu import build, print_table
+from bench_model_gpu import build, kernel_profile, print_table
 from mamba_slm.model import ModelConfig
 from mamba_slm.model import generation
 
@@ -64,15 +64,14 @@ def set_decode_levers(model, on: bool) -> None:
     q|k|v / gate|up matmuls, RoPE and cache writes in PyTorch instead of the Triton kernel.
     (Fused add+norm has no switch: it is the model's forward.)"""
     from mamba_slm.model.attention import Attention
-    from mamba_slm.model.layers import PackedLinears
     for m in model.modules():
         if isinstance(m, Attention):
             m.use_kernel = on
-        for group in vars(m).values():
-            if isinstance(group, PackedLinears) and not on and group.weight is not None:
-                for name in group.names:  # own storage again: the packing lapses
-                    lin = getattr(group.owner, name)
-                    lin.weight.data = lin.weight.data.clone()
+    for group in model.packed_groups():
+        if not on and group.weight is not None:
+            for name in group.names:  # own storage again: the packing lapses
+                lin = getattr(group.owner, name)
+                lin.weight.data = lin.weight.data.clone()
     if on:
         model.__dict__.pop("pack_for_decoding", None)
     else:
@@ -229,15 +228,8 @@ def profile_step(model, prompt_len: int, bandwidth: float) -> list[dict]:
         r["share_of_bandwidth"] = round(r["mb"] / 1e3 / (r["ms"] / 1e3) / (bandwidth * 1e3), 2)
         r["mb"] = round(r["mb"], 1)
     try:
-        from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(10):
-                dec.graph.replay()
-            torch.cuda.synchronize()
-        events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
-        launches = sum(e.count for e in events) / 10
-        print(f"\nkernels per step (profiler, 10 replays): {launches:.0f}")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
+        table, launches = kernel_profile(dec.graph.replay, calls=10, rows=18)
+        print(f"\nkernels per step (profiler, 10 replays): {launches:.0f}\n{table}")
     except Exception as exc:  # noqa: BLE001 - the profile is extra information
         print(f"profiler failed: {exc!r}")
     return rows

@@ -100,13 +100,17 @@ def build(side: str, cfg: ModelConfig):
     return model.cuda(), loss, sum(p.numel() for p in model.parameters()), n_attn
 
 
-def kernel_table(step, rows: int = 25) -> str:
-    """torch.profiler's CUDA kernels over one call of step(), by total time."""
+def kernel_profile(fn, calls: int = 1, rows: int = 25) -> tuple[str, float]:
+    """torch.profiler over `calls` calls of fn() -> (its CUDA kernels by total time as a
+    table, kernels launched per call)."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
+        for _ in range(calls):
+            fn()
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=80)
+    events = prof.key_averages()
+    launches = sum(e.count for e in events if e.device_type.name == "CUDA") / calls
+    return events.table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=80), launches
 
 
 def bench_train(side, cfg, seq, tokens_per_step, steps, warmup, ceiling, checkpointing=False, profile_to=None):
@@ -138,7 +142,7 @@ def bench_train(side, cfg, seq, tokens_per_step, steps, warmup, ceiling, checkpo
     tok_s = batch * seq / dt
     if profile_to:
         with open(profile_to, "w") as f:
-            f.write(f"{side}, seq {seq}, one training step\n{kernel_table(step)}\n")
+            f.write(f"{side}, seq {seq}, one training step\n{kernel_profile(step)[0]}\n")
     flops_tok = 6 * n_params + 12 * n_attn * cfg.hidden_size * seq
     row = dict(kind="train", side=side, size=cfg.name, seq=seq, batch=batch, params=n_params,
                tokens_per_s=round(tok_s), step_ms=round(dt * 1e3, 1),

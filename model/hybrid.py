@@ -124,14 +124,21 @@ class HybridLM(nn.Module):
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, 0.0, std)
 
+    def packed_groups(self):
+        """The `PackedLinears` of every layer: q|k|v of attention, gate|up of each MLP."""
+        for module in self.modules():
+            if isinstance(module, SwiGLU):
+                yield module.gate_up
+            elif isinstance(module, Attention):
+                yield module.qkv
+
     @torch.no_grad()
     def pack_for_decoding(self) -> None:
         """Pack q|k|v and gate|up weights for one matmul each (see `PackedLinears`); done by
         the decoders on a GPU, where a batch-1 step is a chain of GEMVs. A no-op for
         modules already packed, or swapped for LoRA/quantized ones."""
-        for module in self.modules():
-            if isinstance(module, (SwiGLU, Attention)):
-                (module.gate_up if isinstance(module, SwiGLU) else module.qkv).pack()
+        for group in self.packed_groups():
+            group.pack()
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block's activations in backward (one checkpoint per block)."""

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from .layers import apply_rotary
+
 try:
     import triton
     import triton.language as tl
@@ -70,7 +72,6 @@ def rope_cache_update(qkv: torch.Tensor, rope: torch.Tensor, offset: torch.Tenso
 def rope_cache_update_ref(qkv: torch.Tensor, rope: torch.Tensor, offset: torch.Tensor, k_cache: torch.Tensor,
                           v_cache: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
     """The same in PyTorch (the CPU path, and what the kernel is tested against)."""
-    from .layers import apply_rotary
     b, kvh = qkv.shape[0], k_cache.shape[1]
     q, k, v = qkv.view(b, -1, 1, head_dim).split([n_heads, kvh, kvh], dim=1)  # (B, heads, 1, D)
     cos, sin = rope.index_select(0, offset).unbind(1)  # (1, rotary_dim) each

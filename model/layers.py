@@ -107,7 +107,6 @@ class PackedLinears:
     def __init__(self, owner: nn.Module, names: tuple[str, ...]):
         self.owner, self.names = owner, names  # owner holds this object, so no cycle issue
         self.weight: torch.Tensor | None = None
-        self._ptrs: tuple[int, ...] = ()
 
     def _linears(self) -> list[nn.Module]:
         return [getattr(self.owner, n) for n in self.names]
@@ -122,13 +121,14 @@ class PackedLinears:
             rows = m.weight.shape[0]
             m.weight.data = packed[start:start + rows]
             start += rows
-        self.weight, self._ptrs = packed, tuple(m.weight.data_ptr() for m in linears)
+        self.weight = packed
 
     def _valid(self) -> bool:
+        """Every weight still a view of the packed tensor (pack() made them so)."""
         if self.weight is None:
             return False
-        linears = self._linears()
-        if any(type(m) is not nn.Linear for m in linears) or tuple(m.weight.data_ptr() for m in linears) != self._ptrs:
+        storage = self.weight.untyped_storage().data_ptr()
+        if any(type(m) is not nn.Linear or m.weight.untyped_storage().data_ptr() != storage for m in self._linears()):
             self.weight = None  # lapsed: let the old storage go
             return False
         return True

@@ -26,7 +26,6 @@ def alive_unless_recorded_dead(actor_id: str, timeout: int) -> bool:
     death: the GCS keeps the record of an actor that died."""
     import ray
     from ray.util.state import get_actor
-
     from ray.util.state.exception import RayStateApiException
 
     address = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
