@@ -189,6 +189,9 @@ class RunConfig:
     log_every: int = _help("print a console line every N steps (every step goes to Ray, "
                            "wandb and metrics.jsonl)", default=10)
     keep_checkpoints: int = _help("keep the newest N checkpoints in storage", default=3)
+    save_final: bool = _help("at max-steps, write a last checkpoint and the model (off for "
+                             "throughput runs; a stop for preemption or bad steps still saves)",
+                             default=True)
     # Spot capacity (mamba_slm.platform.fault).
     preemption_notices: str = _help("preemption notices to act on, comma-separated: sigterm, aws "
                                     "(EC2 spot/instance-action), gcp (GCE preempted); '' = none",

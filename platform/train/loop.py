@@ -289,6 +289,8 @@ def report(engine, job: JobSpec, config: dict[str, Any], state: TrainState, metr
     final = state.step >= cfg.max_steps or bool(state.stop_reason) or state.stop_requested
     if state.stop_requested and not state.stop_reason:
         state.stop_reason = "stop requested by a hook"
+    if final and not state.stop_reason and not job.run.save_final:
+        final = False  # --no-save-final: a throughput run ends without writing anything
     save = final or state.checkpoint_requested or ft.checkpoint_due(state.step)
     if not save:
         ray.train.report(metrics)

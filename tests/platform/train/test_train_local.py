@@ -75,3 +75,13 @@ def test_bad_steps_are_skipped_then_the_run_stops_with_a_checkpoint(synthetic_da
     last = resumed.metrics[-1]
     assert resumed.stop_reason == "" and last["step"] == 6 and last["resumed_from_step"] == 4
     assert not last["skipped"] and last["skipped_steps"] == 2
+
+
+def test_no_save_final_ends_without_writing_a_checkpoint_or_model(synthetic_data, tmp_path):
+    job = _job(synthetic_data, tmp_path, "nosave", max_steps=3)
+    job.run.save_final = False
+    result = run_pretraining(job)
+    assert [m["step"] for m in result.metrics] == [1, 2, 3] and result.stop_reason == ""
+    assert result.checkpoint is None
+    assert not (tmp_path / "nosave" / "model").exists()
+    assert not list((tmp_path / "storage").glob("nosave/step_*"))
