@@ -75,7 +75,7 @@ def run_case(args, case: str, stage: int, gpus: int, data: Path, work: Path) -> 
            "--micro-batch-size", str(args.micro_batch), "--max-steps", str(args.steps),
            "--warmup-steps", "5", "--checkpoint-every", "0", "--data-path", str(data), "--name", name,
            "--output-dir", str(out), "--storage-path", str(work / "storage"), "--no-wandb", "--no-plot",
-           "--log-every", "5", "--cpus-per-worker", "4", "--no-save-final"]
+           "--log-every", "1", "--cpus-per-worker", "4", "--no-save-final"]
     if args.activation_checkpointing:
         cmd.append("--activation-checkpointing")
     print("$", " ".join(cmd), flush=True)
@@ -85,6 +85,10 @@ def run_case(args, case: str, stage: int, gpus: int, data: Path, work: Path) -> 
     try:
         returncode = proc.wait(timeout=args.case_timeout)
     except subprocess.TimeoutExpired:
+        # the workers print their stacks first (platform/train/loop.py registers SIGUSR1),
+        # so a case that hangs says where
+        subprocess.run(["pkill", "-USR1", "-f", "RayTrainWorker"], check=False)
+        time.sleep(5)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         returncode = "timeout"

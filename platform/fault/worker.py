@@ -83,11 +83,9 @@ class WorkerFaultTolerance:
         """Collective. True when the run must checkpoint now and stop (a notice anywhere)."""
         if self.last_checkpoint_step is None:
             self.last_checkpoint_step = state.resumed_from_step or 0
-        flags = torch.tensor([1.0 if self.watcher.check() else 0.0, step_time], dtype=torch.float64)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        flags = all_reduce_max([1.0 if self.watcher.check() else 0.0, step_time])
         if self.auto is not None:
-            self.auto.observe_step(float(flags[1]))
+            self.auto.observe_step(flags[1])
         if flags[0] > 0 and not self.preempted:
             self.preempted = self.watcher.reason or "a preemption notice on another worker"
             state.checkpoint_requested = True
@@ -116,12 +114,20 @@ class WorkerFaultTolerance:
         self.last_checkpoint_step = step
         if self.auto is None:
             return
-        t = torch.tensor([seconds], dtype=torch.float64)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        line = self.auto.observe_write(float(t[0]))
+        line = self.auto.observe_write(all_reduce_max([seconds])[0])
         if self.rank == 0:
             self.message(line)
 
     def close(self) -> None:
         self.watcher.stop()
+
+
+def all_reduce_max(values: list[float]) -> list[float]:
+    """Element-wise max over the workers (identity without a process group). The tensor
+    lives where the backend reduces: NCCL takes only CUDA tensors, gloo only CPU ones."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [float(v) for v in values]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()

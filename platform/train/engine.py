@@ -81,15 +81,20 @@ def deepspeed_config(cfg: TrainingConfig, world_size: int, use_gpu: bool) -> dic
     }
 
 
-def build_model(model_cfg: ModelConfig, cfg: TrainingConfig, ds_config: dict[str, Any]) -> HybridLM:
+def build_model(model_cfg: ModelConfig, cfg: TrainingConfig, ds_config: dict[str, Any],
+                use_gpu: bool = False) -> HybridLM:
     """Build the model on every worker with the same seed. Under ZeRO-3 the parameters
     are partitioned as they are created (`zero.Init`), so no worker ever holds the whole
-    fp32 model; the initial values are then set on rank 0 and scattered."""
+    fp32 model; the initial values are then set on rank 0 and scattered. Under ZeRO-2 on
+    GPUs the model is built on the worker's GPU: on the host, eight workers of a 6.7B
+    model would hold 8 x 27 GB of fp32 weights at once, and initialize them slowly."""
     import deepspeed
 
     torch.manual_seed(cfg.seed)
     if cfg.zero_stage != 3:
-        model = HybridLM(model_cfg)
+        device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
+        with device:
+            model = HybridLM(model_cfg)
     else:
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
             model = HybridLM(model_cfg)
@@ -116,7 +121,7 @@ def build_engine(model_cfg: ModelConfig, cfg: TrainingConfig, world_size: int, u
     # Adopt the existing process group now: zero.Init checks the batch arithmetic
     # against DeepSpeed's view of the world size.
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
-    model = build_model(model_cfg, cfg, ds_config)
+    model = build_model(model_cfg, cfg, ds_config, use_gpu)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.weight_decay), config=ds_config,
         dist_init_required=False)

@@ -15,10 +15,12 @@ batch is consumed (not retried), as in PaLM (Chowdhery et al. 2022, sec. 5.1). A
 """
 from __future__ import annotations
 
+import faulthandler
 import logging
 import math
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -64,6 +66,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         logging.getLogger(_train_context.__file__).setLevel(logging.WARNING)
     except ImportError:  # another Ray version: its report lines stay
         pass
+    if not config["local_mode"]:
+        # `kill -USR1 <worker pid>` prints every thread's stack to the worker's log (a hang in
+        # a collective shows where each rank waits); the driver process keeps its handlers.
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     job = JobSpec.from_dict(config["job"], hooks=config.get("hooks"))
     rank, world = setup_distributed(job.run.use_gpu, config["local_mode"])
     tcfg = job.training
