@@ -1,9 +1,11 @@
-"""Training throughput of jobs/pretrain.py on GPUs: the 1.3B preset through Ray Train +
-DeepSpeed, ZeRO-2 on one GPU and ZeRO-3 on two, a few dozen steps each; prints tokens/s,
+"""Training throughput of jobs/pretrain.py on GPUs: a preset (--size) through Ray Train +
+DeepSpeed, ZeRO-2 / ZeRO-3 on one or two GPUs, a few dozen steps each; prints tokens/s,
 tokens/s per GPU, MFU and peak memory per GPU (rank 0's) as a table.
 
     # device machine (2 GPUs): source .whl/install.sh || exit; python bench/bench_train_gpu.py
     python bench/bench_train_gpu.py --steps 30 --seq-len 2048 --micro-batch 4 --cases z2x1,z3x2
+    python bench/bench_train_gpu.py --size 2.7B --seq-len 8192 --micro-batch 1 --grad-accum 2 \
+        --cases z2x2,z3x2 --activation-checkpointing --steps 14 --warmup-steps 5
 
 Data: a synthetic dataset in the curated format (no corpus or hub needed), vocab 50304.
 Every case is a real `python jobs/pretrain.py` subprocess (its own local Ray), so what is
@@ -88,10 +90,11 @@ def run_case(args, case: str, stage: int, gpus: int, data: Path, work: Path) -> 
         # the workers print their stacks first (platform/train/loop.py registers SIGUSR1),
         # so a case that hangs says where
         subprocess.run(["pkill", "-USR1", "-f", "RayTrainWorker"], check=False)
-        time.sleep(5)
+        time.sleep(10)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         returncode = "timeout"
+        print_worker_stacks(t0)
     wall = time.time() - t0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] \
         if (out / "metrics.jsonl").is_file() else []
@@ -101,8 +104,12 @@ def run_case(args, case: str, stage: int, gpus: int, data: Path, work: Path) -> 
     if returncode not in (0, "timeout") or not steady:
         return {"case": case, "stage": stage, "gpus": gpus, "error": f"exit {returncode}", "wall": wall}
     tps = statistics.median(r["tokens_per_s"] for r in steady)
+    # wall clock from the first to the last steady step: what the step times leave out
+    # (reports, logging, the fault-tolerance all-reduce) included
+    wall_tps = ((steady[-1]["tokens_seen"] - steady[0]["tokens_seen"]) / (steady[-1]["time"] - steady[0]["time"])
+                if len(steady) > 1 and "time" in steady[0] else None)
     mfu = [r["mfu"] for r in steady if r["mfu"] is not None]
-    return {"case": case, "stage": stage, "gpus": gpus, "tokens_per_s": tps, "per_gpu": tps / gpus,
+    return {"case": case, "stage": stage, "gpus": gpus, "tokens_per_s": tps, "per_gpu": tps / gpus, "wall_tps": wall_tps,
             "mfu": statistics.median(mfu) if mfu else None, "step_s": statistics.median(r["step_time_s"] for r in steady),
             "mem_alloc": max(r.get("mem_allocated_gb", 0) for r in records),
             "mem_reserved": max(r.get("mem_reserved_gb", 0) for r in records),
@@ -110,10 +117,24 @@ def run_case(args, case: str, stage: int, gpus: int, data: Path, work: Path) -> 
             "finished": returncode == 0}
 
 
+def print_worker_stacks(since: float, ray_tmp: str = "/tmp/ray") -> None:
+    """The stack dumps in this case's Ray worker logs (written there, not always forwarded
+    to the driver before the kill)."""
+    for log in sorted(Path(ray_tmp).glob("session_*/logs/worker-*.err")):
+        if log.stat().st_mtime < since:
+            continue
+        text = log.read_text(errors="replace")
+        at = text.find("Thread 0x")
+        if at < 0:
+            at = text.find("Current thread")
+        if at >= 0:
+            print(f"--- stacks in {log}:\n{text[at:at + 6000]}", flush=True)
+
+
 def print_table(rows: list[dict], device: str, args) -> None:
     print(f"\n{args.size}, seq {args.seq_len}, micro-batch {args.micro_batch} x accum {args.grad_accum} per GPU, "
           f"{args.steps} steps (median over steps > {args.warmup_steps}), {device}")
-    head = f"{'case':6} {'ZeRO':>4} {'GPUs':>4} {'tokens/s':>10} {'tok/s/GPU':>10} {'MFU':>6} {'step s':>7} " \
+    head = f"{'case':6} {'ZeRO':>4} {'GPUs':>4} {'tokens/s':>10} {'tok/s/GPU':>10} {'wall tok/s':>10} {'MFU':>6} {'step s':>7} " \
            f"{'alloc GB':>9} {'resv GB':>8} {'loss':>12} {'wall s':>7}"
     print(head + "\n" + "-" * len(head))
     for r in rows:
@@ -121,10 +142,12 @@ def print_table(rows: list[dict], device: str, args) -> None:
             print(f"{r['case']:6} {r['stage']:>4} {r['gpus']:>4}  FAILED ({r['error']}, {r['wall']:.0f}s)")
             continue
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-        print(f"{r['case']:6} {r['stage']:>4} {r['gpus']:>4} {r['tokens_per_s']:>10,.0f} {r['per_gpu']:>10,.0f} "
+        wall = "n/a" if r["wall_tps"] is None else f"{r['wall_tps']:,.0f}"
+        print(f"{r['case']:6} {r['stage']:>4} {r['gpus']:>4} {r['tokens_per_s']:>10,.0f} {r['per_gpu']:>10,.0f} {wall:>10} "
               f"{mfu:>6} {r['step_s']:>7.2f} {r['mem_alloc']:>9.1f} {r['mem_reserved']:>8.1f} {r['loss']:>12} "
               f"{r['wall']:>7.0f}" + ("" if r["finished"] else "  (stopped by --case-timeout after these steps)"))
-    print("memory: peak of rank 0 (torch.cuda.max_memory_allocated / reserved)")
+    print("tokens/s: median over steps of the step alone; wall tok/s: first to last steady step by the clock\n"
+          "memory: peak of rank 0 (torch.cuda.max_memory_allocated / reserved)")
 
 
 if __name__ == "__main__":

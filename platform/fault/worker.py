@@ -3,9 +3,11 @@
 `WorkerFaultTolerance` ties the parts together at three points of a step:
 
 - `record(batches)`: the sample ids of the micro-batches just trained (the ledger);
-- `after_step(state, step_time)`: one tiny all-reduce (MAX) of [notice seen, step time]
-  so every worker agrees, at the same step, to checkpoint and stop when any of them got
-  a preemption notice (a checkpoint is collective: one worker alone would hang the rest);
+- `after_step(state, step_time, report_wanted)`: one tiny all-reduce (MAX) of [notice seen,
+  step time, report wanted] so every worker agrees, at the same step, to checkpoint and
+  stop when any of them got a preemption notice (a checkpoint is collective: one worker
+  alone would hang the rest), and on when to call `ray.train.report` (the same number
+  of calls on every worker);
 - `seal(path, state)` when a checkpoint is written: the ledger, then the manifests.
 
 Cadence: `checkpoint_every` steps, or with "auto" the Young/Daly interval
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -59,6 +62,11 @@ class AutoCadence:
         return steps_since_checkpoint >= self.interval_steps
 
 
+class Agreed(NamedTuple):
+    stop: bool
+    report: bool
+
+
 class WorkerFaultTolerance:
     def __init__(self, training, run, rank: int, world: int, resume_dir: Path | None,
                  message=None):
@@ -79,17 +87,18 @@ class WorkerFaultTolerance:
         for b in batches:
             self.new_samples.add(b.sample_ids)
 
-    def after_step(self, state, step_time: float) -> bool:
-        """Collective. True when the run must checkpoint now and stop (a notice anywhere)."""
+    def after_step(self, state, step_time: float, report_wanted: bool = False) -> Agreed:
+        """Collective: what every worker does after this step. `stop`: checkpoint now and
+        stop (a notice anywhere); `report`: some worker wants a report to Ray now."""
         if self.last_checkpoint_step is None:
             self.last_checkpoint_step = state.resumed_from_step or 0
-        flags = all_reduce_max([1.0 if self.watcher.check() else 0.0, step_time])
+        flags = all_reduce_max([1.0 if self.watcher.check() else 0.0, step_time, float(report_wanted)])
         if self.auto is not None:
             self.auto.observe_step(flags[1])
         if flags[0] > 0 and not self.preempted:
             self.preempted = self.watcher.reason or "a preemption notice on another worker"
             state.checkpoint_requested = True
-        return bool(self.preempted)
+        return Agreed(stop=bool(self.preempted), report=flags[2] > 0)
 
     def checkpoint_due(self, step: int) -> bool:
         if self.auto is not None:

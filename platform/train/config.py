@@ -186,8 +186,8 @@ class RunConfig:
     wandb: bool = _help("log to Weights & Biases (offline without WANDB_API_KEY)", default=True)
     wandb_project: str = "mamba-slm"
     plot: bool = _help("write loss_curve.png at the end", default=True)
-    log_every: int = _help("print a console line every N steps (every step goes to Ray, "
-                           "wandb and metrics.jsonl)", default=10)
+    log_every: int = _help("print a console line every N steps (every step goes to wandb "
+                           "and metrics.jsonl)", default=10)
     keep_checkpoints: int = _help("keep the newest N checkpoints in storage", default=3)
     save_final: bool = _help("at max-steps, write a last checkpoint and the model (off for "
                              "throughput runs; a stop for preemption or bad steps still saves)",

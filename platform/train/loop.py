@@ -2,9 +2,11 @@
 
 One optimizer step = `grad_accum` micro-batches of this worker's slice of the global
 batch (data.py), forward + backward through the DeepSpeed engine, then the ZeRO step.
-After each step: per-step hooks, metrics to Ray/wandb/console, and (every
+After each step: per-step hooks, metrics to wandb/metrics.jsonl/console, and (every
 `checkpoint_every` steps, at the end, or when a hook asks) a checkpoint through
-`ray.train.report`.
+`ray.train.report`. Metrics alone go to Ray at most every RAY_REPORT_EVERY_S: a report
+waits until Ray Train's controller has taken the previous one, and it polls every 2 s
+(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so a report per step held 1 s steps to 2 s.
 
 Bad steps: each micro-batch's loss is averaged over the workers before its backward; if
 it is not finite, or a spike (> spike_factor x the running mean of good losses), the
@@ -42,6 +44,9 @@ from .data import Batch, PackedSampleReader, StepBatches
 from .metrics import MetricsLogger, memory_gb, peak_flops_per_device, plot_loss_curve
 from .schedule import lr_at
 from .state import JobSpec, TrainState
+
+
+RAY_REPORT_EVERY_S = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)) + 0.5
 
 
 @dataclass
@@ -93,6 +98,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     batches = StepBatches(reader, tcfg.global_batch_size, tcfg.micro_batch_size, rank, world)
     peak = peak_flops_per_device(job.run.use_gpu, resolve_precision(tcfg, job.run.use_gpu))
     flops_per_token = meta_model(job).flops_per_token(reader.seq_len)
+    last_report = time.monotonic()
     try:
         while state.step < tcfg.max_steps and not state.stop_reason:
             t0 = time.perf_counter()
@@ -105,14 +111,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             ft.record(micro_batches)
             for hook in job.hooks:
                 hook.on_step_end(state, rank)
-            preempted = ft.after_step(state, elapsed)  # collective: all workers agree
+            # collective: all workers agree on stopping and on reporting to Ray
+            agreed = ft.after_step(state, elapsed, report_wanted=rank == 0 and time.monotonic()
+                                   - last_report >= RAY_REPORT_EVERY_S)
             metrics = step_metrics(state, result, elapsed, tcfg.tokens_per_step(reader.seq_len),
                                    flops_per_token, peak, world)
             metrics["preempted"] = ft.preempted
             if logger is not None:
                 logger.log(metrics)
-            report(engine, job, config, state, metrics, rank, logger, ft)
-            if preempted:
+            if report(engine, job, config, state, metrics, rank, logger, ft, agreed.report):
+                last_report = time.monotonic()
+            if agreed.stop:
                 break
     finally:
         ft.close()
@@ -280,27 +289,30 @@ def step_metrics(state: TrainState, r: StepResult, elapsed: float, tokens_per_st
             "step_time_s": elapsed, "tokens_seen": state.tokens_seen,
             "sample_position": state.sample_position, "skipped": not r.applied,
             "skip_reason": r.skip_reason, "skipped_steps": state.skipped_steps,
-            "stop_reason": state.stop_reason, "resumed_from_step": state.resumed_from_step, **memory_gb()}
+            "stop_reason": state.stop_reason, "resumed_from_step": state.resumed_from_step,
+            "time": time.time(), **memory_gb()}
 
 
 def report(engine, job: JobSpec, config: dict[str, Any], state: TrainState, metrics: dict[str, Any],
-           rank: int, logger: MetricsLogger | None, ft: WorkerFaultTolerance) -> None:
-    """Every worker reports every step (Ray requires the same number of calls);
-    checkpoint steps attach each worker's files, which Ray merges into one directory.
-    A checkpoint is sealed (ledger + checksums, platform/fault) before it is published;
-    in local mode it is written under a temporary name and renamed into place."""
+           rank: int, logger: MetricsLogger | None, ft: WorkerFaultTolerance, report_due: bool) -> bool:
+    """-> whether this step reported to Ray. Every worker decides alike (Ray requires the
+    same number of calls): at checkpoint steps, at the end, and when `report_due` (agreed
+    by all workers). Checkpoint steps attach each worker's files, which Ray merges into
+    one directory. A checkpoint is sealed (ledger + checksums, platform/fault) before it
+    is published; in local mode it is written under a temporary name and renamed into place."""
     import ray.train
 
     cfg = job.training
-    final = state.step >= cfg.max_steps or bool(state.stop_reason) or state.stop_requested
+    end = state.step >= cfg.max_steps or bool(state.stop_reason) or state.stop_requested
     if state.stop_requested and not state.stop_reason:
         state.stop_reason = "stop requested by a hook"
-    if final and not state.stop_reason and not job.run.save_final:
-        final = False  # --no-save-final: a throughput run ends without writing anything
+    # --no-save-final: a throughput run ends without writing anything
+    final = end and (job.run.save_final or bool(state.stop_reason))
     save = final or state.checkpoint_requested or ft.checkpoint_due(state.step)
     if not save:
-        ray.train.report(metrics)
-        return
+        if end or report_due:
+            ray.train.report(metrics)
+        return end or report_due
     state.checkpoint_requested = False
     name = checkpoint_dir_name(state.step)
     local_mode = config["local_mode"]
@@ -318,6 +330,7 @@ def report(engine, job: JobSpec, config: dict[str, Any], state: TrainState, metr
                      checkpoint_dir_name=name)
     if not local_mode:
         shutil.rmtree(path, ignore_errors=True)
+    return True
 
 
 def write_final_outputs(engine, job: JobSpec, state: TrainState, ckpt_path: Path, rank: int,

@@ -85,3 +85,20 @@ def test_no_save_final_ends_without_writing_a_checkpoint_or_model(synthetic_data
     assert result.checkpoint is None
     assert not (tmp_path / "nosave" / "model").exists()
     assert not list((tmp_path / "storage").glob("nosave/step_*"))
+
+
+@pytest.mark.parametrize("every_s, calls", [(1e9, [3]), (0.0, [1, 2, 3])])
+def test_metrics_go_to_ray_when_due_and_at_the_end(synthetic_data, tmp_path, monkeypatch, every_s, calls):
+    # A report waits for Ray Train's controller to take the previous one (it polls every
+    # 2 s), so the loop reports metrics at most every RAY_REPORT_EVERY_S, and always at the end.
+    import ray.train
+
+    reported = []
+    real = ray.train.report
+    monkeypatch.setattr(ray.train, "report", lambda metrics, **kw: (reported.append(metrics["step"]),
+                                                                   real(metrics, **kw)))
+    monkeypatch.setattr(loop, "RAY_REPORT_EVERY_S", every_s)
+    job = _job(synthetic_data, tmp_path, f"report{every_s:g}", max_steps=3)
+    job.run.save_final = False
+    result = run_pretraining(job)
+    assert reported == calls and result.last["step"] == 3
