@@ -16,6 +16,7 @@ replayed, and the top kernels of torch.profiler over replayed steps.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -79,6 +80,58 @@ def set_decode_levers(model, on: bool) -> None:
     generation._GRAPH_DECODERS.pop(model, None)
 
 
+def inductor_gemv():
+    """Experiment: a one-row F.linear compiled by inductor with coordinate-descent tuning,
+    which lowers it to a reduction kernel instead of a cuBLAS GEMV (torch/_inductor/
+    decomposition.py, `mm`: "our matrix vector multiplies only achieve peak bandwidth with
+    coordinate descent tuning"; gpt-fast decodes this way). One compile per weight shape."""
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
+    return torch.compile(lambda x, w: torch.nn.functional.linear(x, w), dynamic=False,
+                         options={"coordinate_descent_tuning": True})
+
+
+@contextlib.contextmanager
+def gemv_linears():
+    """Every bias-free one-row linear without autograd on a GPU (all of a batch-1 decode
+    step: the model's nn.Linear modules and its packed matmuls call F.linear) through
+    `inductor_gemv` while inside."""
+    gemv, plain = inductor_gemv(), torch.nn.functional.linear
+
+    def linear(x, weight, bias=None):
+        if bias is None and x.is_cuda and x.numel() == x.shape[-1] and not torch.is_grad_enabled():
+            return gemv(x.reshape(1, -1), weight).view(*x.shape[:-1], weight.shape[0])
+        return plain(x, weight, bias)
+
+    torch.nn.functional.linear = linear
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = plain
+
+
+def gemv_rows(model, bandwidth: float, iters: int = 200) -> list[dict]:
+    """Each distinct weight shape of a batch-1 decode step (packed ones included): cuBLAS's
+    F.linear vs `inductor_gemv`, as the share of the copy bandwidth each reaches."""
+    shapes = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    shapes |= {tuple(g.weight.shape) for g in model.packed_groups() if g.weight is not None}
+    gemv, rows = inductor_gemv(), []
+    for n, k in sorted(shapes):
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        err = (gemv(x, w).float() - torch.nn.functional.linear(x, w).float()).abs().max().item()
+        row = dict(shape=f"{n}x{k}", max_abs_diff=round(err, 4))
+        for label, fn in (("cublas", torch.nn.functional.linear), ("inductor", gemv)):
+            us = 1e3 * graph_ms(lambda: fn(x, w), iters)
+            row[f"{label}_us"] = round(us, 1)
+            row[f"{label}_bw"] = round(2 * n * k / (us * 1e-6) / (bandwidth * 1e12), 2)
+        rows.append(row)
+    return rows
+
+
 @torch.no_grad()
 def decode_rows(cfg: ModelConfig, prompt_len: int, new: int, sides: list[str]):
     """-> (rows, our model, greedy tokens per side, the prompt)."""
@@ -99,17 +152,22 @@ def decode_rows(cfg: ModelConfig, prompt_len: int, new: int, sides: list[str]):
         unfused = side == "ours_graphs_unfused"
         if unfused:
             set_decode_levers(model, False)
+        if side == "ours_graphs_gemv":
+            generation._GRAPH_DECODERS.pop(model, None)  # capture a new graph with the GEMVs
         try:
-            first, second, out = timed(run)
-            # the prompt alone, through the same decoder (its share of the per-token time)
-            prefill_ms = None if family == "mamba_ssm" else 1e3 * time_cuda(
-                lambda: generation.make_decoder(model, 1, prompt_len + new, graphs).prefill(prompt), 5) / 5
+            with gemv_linears() if side == "ours_graphs_gemv" else contextlib.nullcontext():
+                first, second, out = timed(run)
+                # the prompt alone, through the same decoder (its share of the per-token time)
+                prefill_ms = None if family == "mamba_ssm" else 1e3 * time_cuda(
+                    lambda: generation.make_decoder(model, 1, prompt_len + new, graphs).prefill(prompt), 5) / 5
         except Exception as exc:  # noqa: BLE001 - report the other sides all the same
             print(f"{side} failed: {exc!r}", flush=True)
             continue
         finally:
             if unfused:
                 set_decode_levers(model, True)
+            if side == "ours_graphs_gemv":
+                generation._GRAPH_DECODERS.pop(model, None)
         outs[side] = out[0, prompt_len:].tolist()
         rows.append(dict(side=side, tokens_per_s=round(new / second, 1), ms_per_token=round(second / new * 1e3, 3),
                          prefill_ms=prefill_ms and round(prefill_ms, 1),
@@ -240,9 +298,12 @@ def main(argv=None) -> int:
     p.add_argument("--size", default="1.3B")
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new", type=int, default=256)
-    sides = ["ours_eager", "ours_graphs_unfused", "ours_graphs", "mamba_ssm_graphs"]
-    p.add_argument("--sides", nargs="+", default=sides, choices=sides,
-                   help="ours_graphs_unfused: CUDA graphs without the packed matmuls and the RoPE kernel")
+    sides = ["ours_eager", "ours_graphs_unfused", "ours_graphs", "ours_graphs_gemv", "mamba_ssm_graphs"]
+    p.add_argument("--sides", nargs="+", default=[s for s in sides if s != "ours_graphs_gemv"], choices=sides,
+                   help="ours_graphs_unfused: CUDA graphs without the packed matmuls and the RoPE kernel; "
+                        "ours_graphs_gemv (experiment): CUDA graphs with every matmul an inductor GEMV")
+    p.add_argument("--gemv", action="store_true",
+                   help="experiment: cuBLAS vs inductor GEMV for each weight shape of the model")
     p.add_argument("--check-tokens", type=int, default=32, help="greedy tokens that must agree, graph vs eager")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--compiled", action="store_true",
@@ -257,7 +318,7 @@ def main(argv=None) -> int:
     cfg = ModelConfig.from_name(args.size)
     rows, ours, outs, prompt = decode_rows(cfg, args.prompt, args.new, args.sides)
     status = 0
-    for side in ("ours_graphs_unfused", "ours_graphs"):
+    for side in ("ours_graphs_unfused", "ours_graphs", "ours_graphs_gemv"):
         if "ours_eager" in outs and side in outs:
             agree = first_divergence(outs["ours_eager"], outs[side])
             ok = agree >= min(args.check_tokens, args.new)
@@ -278,6 +339,12 @@ def main(argv=None) -> int:
     ceiling = bw * 1e12 / step_bytes
     for r in rows:
         r.update(device=dev, ceiling_tokens_per_s=round(ceiling), share_of_ceiling=round(r["tokens_per_s"] / ceiling, 2))
+    if args.gemv and ours is not None:
+        try:
+            print(f"\none-row matmuls, bf16, each replayed in a CUDA graph (bandwidth {bw:.2f} TB/s):")
+            print_table(gemv_rows(ours, bw))
+        except Exception as exc:  # noqa: BLE001 - an experiment; the table still prints
+            print(f"gemv table failed: {exc!r}", flush=True)
     if args.profile and ours is not None:
         try:
             parts = profile_step(ours, args.prompt, bw)
