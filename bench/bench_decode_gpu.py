@@ -95,11 +95,13 @@ def inductor_gemv():
 
 
 @contextlib.contextmanager
-def gemv_linears():
+def gemv_linears(model):
     """Every bias-free one-row linear without autograd on a GPU (all of a batch-1 decode
     step: the model's nn.Linear modules and its packed matmuls call F.linear) through
-    `inductor_gemv` while inside."""
+    `inductor_gemv` while inside; `model`'s cached CUDA graphs are dropped on the way in
+    and out, so that each side captures its own matmuls."""
     gemv, plain = inductor_gemv(), torch.nn.functional.linear
+    generation._GRAPH_DECODERS.pop(model, None)
 
     def linear(x, weight, bias=None):
         if bias is None and x.is_cuda and x.numel() == x.shape[-1] and not torch.is_grad_enabled():
@@ -111,6 +113,7 @@ def gemv_linears():
         yield
     finally:
         torch.nn.functional.linear = plain
+        generation._GRAPH_DECODERS.pop(model, None)
 
 
 def gemv_rows(model, bandwidth: float, iters: int = 200) -> list[dict]:
@@ -152,10 +155,8 @@ def decode_rows(cfg: ModelConfig, prompt_len: int, new: int, sides: list[str]):
         unfused = side == "ours_graphs_unfused"
         if unfused:
             set_decode_levers(model, False)
-        if side == "ours_graphs_gemv":
-            generation._GRAPH_DECODERS.pop(model, None)  # capture a new graph with the GEMVs
         try:
-            with gemv_linears() if side == "ours_graphs_gemv" else contextlib.nullcontext():
+            with gemv_linears(model) if side == "ours_graphs_gemv" else contextlib.nullcontext():
                 first, second, out = timed(run)
                 # the prompt alone, through the same decoder (its share of the per-token time)
                 prefill_ms = None if family == "mamba_ssm" else 1e3 * time_cuda(
@@ -166,8 +167,6 @@ def decode_rows(cfg: ModelConfig, prompt_len: int, new: int, sides: list[str]):
         finally:
             if unfused:
                 set_decode_levers(model, True)
-            if side == "ours_graphs_gemv":
-                generation._GRAPH_DECODERS.pop(model, None)
         outs[side] = out[0, prompt_len:].tolist()
         rows.append(dict(side=side, tokens_per_s=round(new / second, 1), ms_per_token=round(second / new * 1e3, 3),
                          prefill_ms=prefill_ms and round(prefill_ms, 1),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -42,8 +43,8 @@ def main() -> int:
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--work-dir", default="/tmp/bench_train_gpu")
     p.add_argument("--case-timeout", type=float, default=None,
-                   help="seconds per case; a case stopped by it still reports the steps it logged "
-                        "(e.g. when the final ZeRO-3 model save is what takes long)")
+                   help="seconds per case; a case stopped by it still reports the steps it logged, "
+                        "and its workers' stacks (where a hung case waits)")
     args = p.parse_args()
     import torch
 
@@ -107,7 +108,7 @@ def run_case(args, case: str, stage: int, gpus: int, data: Path, work: Path) -> 
     # wall clock from the first to the last steady step: what the step times leave out
     # (reports, logging, the fault-tolerance all-reduce) included
     wall_tps = ((steady[-1]["tokens_seen"] - steady[0]["tokens_seen"]) / (steady[-1]["time"] - steady[0]["time"])
-                if len(steady) > 1 and "time" in steady[0] else None)
+                if len(steady) > 1 else None)
     mfu = [r["mfu"] for r in steady if r["mfu"] is not None]
     return {"case": case, "stage": stage, "gpus": gpus, "tokens_per_s": tps, "per_gpu": tps / gpus, "wall_tps": wall_tps,
             "mfu": statistics.median(mfu) if mfu else None, "step_s": statistics.median(r["step_time_s"] for r in steady),
@@ -124,11 +125,9 @@ def print_worker_stacks(since: float, ray_tmp: str = "/tmp/ray") -> None:
         if log.stat().st_mtime < since:
             continue
         text = log.read_text(errors="replace")
-        at = text.find("Thread 0x")
-        if at < 0:
-            at = text.find("Current thread")
-        if at >= 0:
-            print(f"--- stacks in {log}:\n{text[at:at + 6000]}", flush=True)
+        found = re.search(r"(Current thread|Thread) 0x", text)  # faulthandler's first header
+        if found:
+            print(f"--- stacks in {log}:\n{text[found.start():found.start() + 6000]}", flush=True)
 
 
 def print_table(rows: list[dict], device: str, args) -> None:

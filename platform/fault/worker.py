@@ -136,7 +136,6 @@ def all_reduce_max(values: list[float]) -> list[float]:
     lives where the backend reduces: NCCL takes only CUDA tensors, gloo only CPU ones."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return [float(v) for v in values]
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+    t = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()

@@ -92,8 +92,7 @@ def build_model(model_cfg: ModelConfig, cfg: TrainingConfig, ds_config: dict[str
 
     torch.manual_seed(cfg.seed)
     if cfg.zero_stage != 3:
-        device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
-        with device:
+        with torch.device("cuda" if use_gpu else "cpu"):  # "cuda": the worker's current device
             model = HybridLM(model_cfg)
     else:
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
