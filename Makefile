@@ -26,4 +26,4 @@ demo: setup
 	$(BIN)/python jobs/pretrain.py
 
 test: setup-dev
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15

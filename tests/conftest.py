@@ -110,3 +110,49 @@ def clean_dir(tmp_path: Path) -> Path:
     path.mkdir()
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def spawn_ranks():
+    """run(target, world, *args) -> {rank: result}: `target(rank, world, port, *args, out)`
+    in `world` spawned processes that form a process group on 127.0.0.1:port and put
+    (rank, result) on `out` (plain Python/numpy: a tensor in a queue is shared memory that
+    goes with its process). Fails as soon as a rank dies without reporting."""
+    return _spawn_ranks
+
+
+def _spawn_ranks(target, world: int, *args, timeout_s: float = 300.0) -> dict:
+    import queue
+    import socket
+    import time
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(rank, world, port, *args, out)) for rank in range(world)]
+    for p in procs:
+        p.start()
+    results, deadline = {}, time.monotonic() + timeout_s
+    try:
+        while len(results) < world:
+            try:
+                rank, value = out.get(timeout=2)
+                results[rank] = value
+            except queue.Empty:
+                died = {r: p.exitcode for r, p in enumerate(procs) if p.exitcode not in (None, 0)}
+                if died:
+                    pytest.fail(f"rank(s) exited before reporting (exit codes {died}); tracebacks above")
+                if time.monotonic() > deadline:
+                    pytest.fail(f"{world - len(results)} rank(s) did not report within {timeout_s:.0f} s")
+        for p in procs:
+            p.join(timeout=60)
+            assert p.exitcode == 0
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+    return results

@@ -6,12 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from mamba_slm.platform.fault.worker import all_reduce_max
 
 
-def _worker(rank: int, world: int, backend: str, port: int, out) -> None:
+def _worker(rank: int, world: int, port: int, backend: str, out) -> None:
     if backend == "nccl":
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -21,32 +20,14 @@ def _worker(rank: int, world: int, backend: str, port: int, out) -> None:
         dist.destroy_process_group()
 
 
-def _run(backend: str, world: int = 2) -> dict[int, list[float]]:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, world, backend, port, out)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results = dict(out.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    return results
-
-
 def test_all_reduce_max_without_a_process_group_is_the_identity():
     assert all_reduce_max([1, 2.5]) == [1.0, 2.5]
 
 
-def test_all_reduce_max_over_gloo():
-    assert _run("gloo") == {0: [1.0, 10.0], 1: [1.0, 10.0]}
+def test_all_reduce_max_over_gloo(spawn_ranks):
+    assert spawn_ranks(_worker, 2, "gloo") == {0: [1.0, 10.0], 1: [1.0, 10.0]}
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (NCCL)")
-def test_all_reduce_max_over_nccl():
-    assert _run("nccl") == {0: [1.0, 10.0], 1: [1.0, 10.0]}
+def test_all_reduce_max_over_nccl(spawn_ranks):
+    assert spawn_ranks(_worker, 2, "nccl") == {0: [1.0, 10.0], 1: [1.0, 10.0]}
