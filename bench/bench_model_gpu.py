@@ -69,10 +69,10 @@ def build(side: str, cfg: ModelConfig):
         loss = lambda ids: model(ids[:, :-1], labels=ids[:, 1:], return_logits=False).loss
         if side == "ours_plain":
             # Ours without the training levers of 2026-11-27 (session 3), for a side-by-side
-            # ratio: the loss through lm_head's module forward, recomputed in backward (the
-            # path a ZeRO-3 head takes; it looks for `ds_id`), and no torch.compile of the
-            # SwiGLU activation and RoPE. Fused add+norm has no switch.
-            model.lm_head.weight.ds_id = -1
+            # ratio: the loss through a plain linear's forward per chunk, recomputed in
+            # backward (the path of a swapped head), and no torch.compile of the SwiGLU
+            # activation and RoPE. Fused add+norm has no switch.
+            model.lm_head.__class__ = torch.nn.Linear
             def loss(ids, inner=loss):
                 layers.COMPILE_ON_GPU = False
                 try:

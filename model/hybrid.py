@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import Attention
 from .config import ATTENTION, ModelConfig
 from .layers import RMSNorm, SwiGLU
-from .loss import linear_cross_entropy
+from .loss import LMHead
 from .mamba2 import Mamba2Mixer
 
 
@@ -99,7 +99,7 @@ class HybridLM(nn.Module):
         self.embed_tokens = nn.Embedding(V, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, kind) for kind in cfg.layer_pattern)
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, V, bias=False)
+        self.lm_head = LMHead(cfg.hidden_size, V)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.gradient_checkpointing = False
@@ -204,22 +204,20 @@ class HybridLM(nn.Module):
     def chunked_loss(self, h: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 4096) -> torch.Tensor:
         """Mean cross-entropy without materialising (B*T, V) logits: the vocabulary
         projection and loss run per chunk of tokens, so peak memory holds one chunk's fp32
-        logits (Liger/Unsloth-style chunked CE). With a plain lm_head the chunk gradients
-        are computed in the forward pass (`loss.linear_cross_entropy`); a ZeRO-3
-        partitioned or wrapped (LoRA) head goes through its module forward per chunk,
-        recomputed in backward, so that its hooks gather the weight each time."""
+        logits (Liger/Unsloth-style chunked CE). The model's own head (`LMHead`, also when
+        ZeRO-3 partitions it) computes the chunk gradients in its forward
+        (`loss.linear_cross_entropy`); a head swapped for another module (LoRA) goes through
+        that module's forward per chunk, recomputed in backward."""
         h, labels = h.flatten(0, 1), labels.flatten()
-        if type(self.lm_head) is nn.Linear and not hasattr(self.lm_head.weight, "ds_id"):
-            total = linear_cross_entropy(h, self.lm_head.weight, labels, chunk_tokens)
-            return total / (labels != -100).sum().clamp(min=1)
-        total = h.new_zeros((), dtype=torch.float32)
-        for h_c, y_c in zip(h.split(chunk_tokens), labels.split(chunk_tokens)):
-            total = total + checkpoint(self._ce_sum, h_c, y_c, use_reentrant=False)
+        if type(self.lm_head) is LMHead:
+            total = self.lm_head(h, labels, chunk_tokens)
+        else:
+            total = h.new_zeros((), dtype=torch.float32)
+            for h_c, y_c in zip(h.split(chunk_tokens), labels.split(chunk_tokens)):
+                total = total + checkpoint(self._ce_sum, h_c, y_c, use_reentrant=False)
         return total / (labels != -100).sum().clamp(min=1)
 
     def _ce_sum(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        # Through lm_head's own forward, also when recomputed in backward, so that ZeRO-3's
-        # module hooks gather its (partitioned) weight each time.
         logits = self.lm_head(h)
         return F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
 

@@ -7,10 +7,15 @@ cross-entropy): the softmax minus the one-hot target, times the weight for dh, a
 transpose times h for dW. The backward then only scales them by the incoming gradient,
 so the projection runs 3 matmuls per chunk instead of the 4 of a chunked loss that is
 recomputed in backward, and peak memory holds one chunk's fp32 logits plus dW in fp32.
+
+`LMHead` is the model's vocabulary projection: given labels, its forward returns this loss
+instead of logits. Computing it inside the module's forward is what lets ZeRO-3 use it:
+DeepSpeed gathers a partitioned weight only around its module's forward (and backward).
 """
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -55,3 +60,18 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                          chunk_tokens: int = 4096) -> torch.Tensor:
     """h (N, hidden), weight (V, hidden), labels (N,) with -100 ignored -> summed CE (fp32)."""
     return LinearCrossEntropy.apply(h, weight, labels, chunk_tokens)
+
+
+class LMHead(nn.Linear):
+    """nn.Linear(hidden, vocab, bias=False) whose forward(h, labels) returns the summed
+    cross-entropy of `linear_cross_entropy` (h (N, hidden), labels (N,)), and logits
+    without labels. Same parameter, same state-dict name as the plain linear."""
+
+    def __init__(self, hidden: int, vocab: int, **kw):
+        super().__init__(hidden, vocab, bias=False, **kw)
+
+    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None,
+                chunk_tokens: int = 4096) -> torch.Tensor:
+        if labels is None:
+            return super().forward(h)
+        return linear_cross_entropy(h, self.weight, labels, chunk_tokens)

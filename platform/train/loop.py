@@ -226,11 +226,10 @@ def train_step(engine, micro_batches: list[Batch], state: TrainState, cfg) -> St
     losses, skip_reason = [], ""
     for mb in micro_batches:
         dev = engine.device
-        # The chunked loss (return_logits=False) never holds the full (b, L, V) fp32 logits,
-        # but it applies lm_head.weight outside lm_head's forward, which ZeRO-3 has
-        # released by then (partitioned): ZeRO-3 takes the plain path.
+        # The chunked loss (return_logits=False) never holds the full (b, L, V) fp32 logits;
+        # it runs inside lm_head's forward, where ZeRO-3 has gathered the head's weight.
         out = engine(mb.input_ids.to(dev), seq_idx=mb.seq_idx.to(dev), labels=mb.labels.to(dev),
-                     return_logits=cfg.zero_stage == 3)
+                     return_logits=False)
         loss = out.loss
         global_loss = mean_over_workers(loss.detach())
         losses.append(global_loss)
