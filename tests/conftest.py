@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RAY_ENV = {
@@ -23,9 +24,10 @@ RAY_ENV = {
     "WANDB_MODE": "offline",
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
-    "DS_ACCELERATOR": "cpu",
     "TOKENIZERS_PARALLELISM": "false",
 }
+if not torch.cuda.is_available():  # on a GPU machine the GPU tests need DeepSpeed on CUDA
+    RAY_ENV["DS_ACCELERATOR"] = "cpu"
 os.environ.update(RAY_ENV)
 # Processes Ray starts (job entrypoints run `python ...`) must find this interpreter and
 # its packages even when the venv is not activated (`make test` calls .venv/bin/python).

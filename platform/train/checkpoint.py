@@ -170,16 +170,22 @@ def _barrier() -> None:
 
 
 def gather_full_state_dict(engine, rank: int) -> dict[str, torch.Tensor]:
-    """Collective: full fp32 CPU copies of the module's weights, kept on rank 0 only
-    (ZeRO-3 gathers one parameter at a time, so no GPU holds the whole model)."""
+    """Collective: full fp32 CPU copies of the module's weights, kept on rank 0 only, one
+    parameter at a time (no GPU holds the whole model). They are the optimizer's fp32
+    master weights, as in the checkpoint: under bf16 the module's own parameters are
+    bf16-rounded copies of them."""
     import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
 
     module = engine.module
     out = {}
     for name, p in module.named_parameters():
-        with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
-            if rank == 0:
-                out[name] = p.detach().float().cpu().clone()
+        full = safe_get_full_fp32_param(p)  # collective; None for a parameter the optimizer does not hold
+        if full is None:
+            with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+                full = p.detach().float().clone() if rank == 0 else None
+        if rank == 0:
+            out[name] = full.float().cpu()
     if rank == 0:
         out.update({name: b.detach().cpu().clone() for name, b in module.named_buffers()})
     return out

@@ -144,8 +144,9 @@ def setup_distributed(use_gpu: bool, local_mode: bool) -> tuple[int, int]:
     mode (num_workers=0, tests) this process forms a group of one for DeepSpeed."""
     import ray.train
 
-    if not use_gpu:
-        os.environ["DS_ACCELERATOR"] = "cpu"  # before DeepSpeed picks an accelerator
+    # Before DeepSpeed picks an accelerator; also where the worker's environment says
+    # otherwise (a cluster, or a test session, started with DS_ACCELERATOR=cpu).
+    os.environ["DS_ACCELERATOR"] = "cuda" if use_gpu else "cpu"
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     local_rank = ctx.get_local_rank()
@@ -198,9 +199,10 @@ def find_resume_checkpoint(job: JobSpec, config: dict[str, Any], stack: ExitStac
         ckpt = ray.train.get_checkpoint()
         found = Path(stack.enter_context(ckpt.as_directory())) if ckpt is not None else None
         # A checkpoint sealed in storage after the last one Ray registered (the driver died
-        # in between) is complete too (its manifests say so): never throw it away.
+        # in between) is complete too (its manifests say so): never throw it away. The
+        # same name is the same checkpoint, already verified (checksums read every file).
         on_disk = latest_good_checkpoint(config["run_dir"])
-        if on_disk is not None and (found is None or on_disk.name > found.name):
+        if on_disk is not None and (found is None or on_disk.name >= found.name):
             found = on_disk
         elif found is not None and verify_checkpoint(found):  # torn or corrupt: the previous good one
             newest = found

@@ -49,6 +49,24 @@ def test_golden_losses_and_final_outputs(synthetic_data, tmp_path):
     assert state["config"]["training"]["max_steps"] == 20
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_final_model_holds_the_fp32_master_weights_under_bf16(synthetic_data, tmp_path, stage):
+    """The final model/ is the checkpoint's fp32 masters, not the bf16 module weights."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    result = run_pretraining(_job(synthetic_data, tmp_path, f"bf16-z{stage}", max_steps=3, precision="bf16",
+                                  zero_stage=stage))
+    final = load_file(str(tmp_path / f"bf16-z{stage}" / "model" / "model.safetensors"))
+    masters = get_fp32_state_dict_from_zero_checkpoint(str(result.checkpoint), tag="ds")
+    assert final.keys() <= masters.keys() and "embed_tokens.weight" in final
+    rounded = 0
+    for name, w in final.items():
+        assert w.dtype == torch.float32, name
+        torch.testing.assert_close(w, masters[name], rtol=0, atol=0, msg=name)
+        rounded += int(not torch.equal(w, w.bfloat16().float()))
+    assert rounded, "every weight is exactly a bf16 value: these are not the fp32 masters"
+
+
 def test_bad_steps_are_skipped_then_the_run_stops_with_a_checkpoint(synthetic_data, tmp_path, monkeypatch):
     real = loop.bad_loss_reason
     monkeypatch.setattr(loop, "bad_loss_reason",
