@@ -38,11 +38,16 @@ def test_golden_losses_and_final_outputs(synthetic_data, tmp_path):
     assert m["grad_norm"] > 0 and m["tokens_per_s"] > 0 and m["mfu"] is None and m["mem_rss_gb"] > 0
     out = tmp_path / "golden"
     assert (out / "loss_curve.png").stat().st_size > 1000
-    # The final model (save_pretrained) and the checkpoint's ZeRO shards hold the same weights.
-    final = load_model(out / "model")
-    from_ckpt = load_model(result.checkpoint)
-    for (name, a), b in zip(final.state_dict().items(), from_ckpt.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    # The final model (save_pretrained) and the checkpoint's ZeRO shards hold the same weights
+    # (load_model(checkpoint) would open the final checkpoint's model/ copy, so the shards
+    # are read with DeepSpeed's zero_to_fp32).
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    final = load_model(out / "model").state_dict()
+    shards = get_fp32_state_dict_from_zero_checkpoint(str(result.checkpoint), tag="ds")
+    assert shards.keys() <= final.keys() and "layers.0.mixer.in_proj.weight" in shards
+    for name, w in shards.items():
+        torch.testing.assert_close(final[name], w, rtol=0, atol=0, msg=name)
     assert (out / "model" / "tokenizer.json").is_file()
     state = json.loads((tmp_path / "storage" / "golden" / "step_00000020" / "train_state.json").read_text())
     assert state["state"]["step"] == 20 and state["config"]["model"]["vocab_size"] == 256
