@@ -97,14 +97,13 @@ def build_model(model_cfg: ModelConfig, cfg: TrainingConfig, ds_config: dict[str
     else:
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
             model = HybridLM(model_cfg)
-        # zero.Init partitions each submodule as its __init__ returns, so the model-wide
-        # init in HybridLM.__init__ saw empty shards: replay it on gathered parameters.
-        torch.manual_seed(cfg.seed)
+        # zero.Init partitions each submodule as its __init__ returns: the submodules' own
+        # inits (Mamba-2's dt_bias/A_log/D, conv weights) ran on whole tensors, but the
+        # model-wide init in HybridLM.__init__ saw empty shards (and drew no random numbers):
+        # replay it on gathered parameters, from the same point of the seeded stream, so the
+        # weights are those a ZeRO-2 run of the same seed starts from.
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
             if not dist.is_initialized() or dist.get_rank() == 0:
-                for module in model.modules():
-                    if hasattr(module, "reset_ssm_parameters"):
-                        module.reset_ssm_parameters()
                 model.reset_parameters()
     if cfg.activation_checkpointing:
         model.set_gradient_checkpointing(True)
