@@ -4,10 +4,13 @@ jobs/curate.py): the same rows and document boundaries the model trains on.
 Usable inside a training loop (pass the live module or a DeepSpeed engine; it is put
 back in train mode afterwards) and from `jobs/evaluate.py --perplexity <data dir>`.
 Under torch.distributed every rank evaluates every `world_size`-th row and the sums are
-all-reduced, so every rank returns the same numbers (all ranks must call it).
+all-reduced, so every rank returns the same numbers (all ranks must call it). A ZeRO-3
+model's forward is itself a collective (it gathers the partitioned weights), so there the
+ranks step together: one whose rows ran out runs a throwaway forward while others finish.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -18,6 +21,8 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from mamba_slm.platform.fault.worker import all_reduce_max
 
 FORMAT = "mamba-slm-packed-v1"
 
@@ -72,15 +77,25 @@ def perplexity(model, data_dir: str | Path, split: str = "val", max_batches: int
     logits excluded). Returns {"loss", "ppl", "tokens", "rows"}."""
     net = _unwrap(model)
     vocab = net.config.vocab_size
-    device = torch.device(device) if device is not None else next(net.parameters()).device
+    if device is None:  # a DeepSpeed engine knows its device (parameters may be offloaded)
+        device = getattr(model, "device", None) or next(net.parameters()).device
+    device = torch.device(device)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    lockstep = world > 1 and any(hasattr(p, "ds_id") for p in net.parameters())  # ZeRO-3
     was_training = net.training
     net.eval()
     total = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, tokens, rows
+    rows_iter = iter_rows(data_dir, split, batch_size, rank, world)
     try:
-        for i, (ids, docs) in enumerate(iter_rows(data_dir, split, batch_size, rank, world)):
-            if max_batches is not None and i >= max_batches:
+        for i in itertools.count():
+            batch = next(rows_iter, None) if max_batches is None or i < max_batches else None
+            if lockstep and all_reduce_max([float(batch is not None)])[0] > 0:
+                if batch is None:  # out of rows while others are not: join their weight gathers
+                    net(torch.zeros(1, 2, dtype=torch.long, device=device))
+                    continue
+            if batch is None:
                 break
+            ids, docs = batch
             ids_t = torch.from_numpy(ids).to(device)
             seq_idx = torch.from_numpy(docs[:, :-1]).to(device=device, dtype=torch.int32)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):

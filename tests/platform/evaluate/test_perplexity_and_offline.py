@@ -97,3 +97,43 @@ def test_job_bad_arguments_exit_2(evaluate_job, fact_models, args, message, caps
     with pytest.raises(SystemExit) as exc:
         evaluate_job.main(["--checkpoint", str(fact_models[0]), *args])
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def _zero3_worker(rank: int, world: int, port: int, data: str, out) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        from mamba_slm.model import ModelConfig
+        from mamba_slm.platform.train.checkpoint import gather_full_state_dict
+        from mamba_slm.platform.train.config import TrainingConfig
+        from mamba_slm.platform.train.engine import build_engine
+
+        cfg = TrainingConfig(zero_stage=3, global_batch_size=2 * world, micro_batch_size=2, seed=5)
+        engine, _ = build_engine(ModelConfig.from_name("tiny", vocab_size=256), cfg, world, use_gpu=False)
+        result = perplexity(engine, data, split="val", batch_size=2)
+        state = gather_full_state_dict(engine, rank)
+        out.put((rank, (result, {k: v.numpy() for k, v in state.items()})))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_perplexity_of_a_zero3_engine_with_unequal_rows_per_rank(spawn_ranks, tmp_path):
+    """5 rows in batches of 2 over 2 ranks: rank 0 runs 2 forwards, rank 1 one. Each ZeRO-3
+    forward gathers weights with the other rank, so the ranks must step together."""
+    from mamba_slm.model import HybridLM, ModelConfig
+    from mamba_slm.platform.train.synthetic import write_synthetic_dataset
+
+    data = write_synthetic_dataset(tmp_path / "data", seq_len=32, vocab_size=256, train_rows=8, val_rows=5,
+                                   shards=1, row_group=8)
+    results = spawn_ranks(_zero3_worker, 2, str(data), timeout_s=180)
+    assert results[0][0] == results[1][0] and results[0][0]["rows"] == 5
+    model = HybridLM(ModelConfig.from_name("tiny", vocab_size=256))
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in results[0][1].items()}, strict=False)
+    expected = perplexity(model, data, split="val", batch_size=2)
+    assert results[0][0]["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    assert results[0][0]["tokens"] == expected["tokens"] == 5 * 32
