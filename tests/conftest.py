@@ -116,14 +116,29 @@ def clean_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def spawn_ranks():
-    """run(target, world, *args) -> {rank: result}: `target(rank, world, port, *args, out)`
-    in `world` spawned processes that form a process group on 127.0.0.1:port and put
-    (rank, result) on `out` (plain Python/numpy: a tensor in a queue is shared memory that
-    goes with its process). Fails as soon as a rank dies without reporting."""
+    """run(target, world, *args, backend="gloo") -> {rank: target(rank, world, *args)}:
+    `world` spawned processes in one process group (127.0.0.1, DeepSpeed's environment
+    variables set; NCCL ranks on GPU `rank`). Results must be plain Python/numpy (a tensor
+    in a queue is shared memory that goes with its process). Fails as soon as a rank dies
+    without reporting."""
     return _spawn_ranks
 
 
-def _spawn_ranks(target, world: int, *args, timeout_s: float = 300.0) -> dict:
+def _rank_main(target, rank: int, world: int, port: int, backend: str, args: tuple, out) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        out.put((rank, target(rank, world, *args)))
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn_ranks(target, world: int, *args, backend: str = "gloo", timeout_s: float = 300.0) -> dict:
     import queue
     import socket
     import time
@@ -135,7 +150,8 @@ def _spawn_ranks(target, world: int, *args, timeout_s: float = 300.0) -> dict:
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(rank, world, port, *args, out)) for rank in range(world)]
+    procs = [ctx.Process(target=_rank_main, args=(target, rank, world, port, backend, args, out))
+             for rank in range(world)]
     for p in procs:
         p.start()
     results, deadline = {}, time.monotonic() + timeout_s

@@ -99,27 +99,17 @@ def test_job_bad_arguments_exit_2(evaluate_job, fact_models, args, message, caps
     assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
-def _zero3_worker(rank: int, world: int, port: int, data: str, out) -> None:
-    import os
+def _zero3_worker(rank: int, world: int, data: str) -> tuple[dict, dict]:
+    from mamba_slm.model import ModelConfig
+    from mamba_slm.platform.train.checkpoint import gather_full_state_dict
+    from mamba_slm.platform.train.config import TrainingConfig
+    from mamba_slm.platform.train.engine import build_engine
 
-    import torch.distributed as dist
-
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        from mamba_slm.model import ModelConfig
-        from mamba_slm.platform.train.checkpoint import gather_full_state_dict
-        from mamba_slm.platform.train.config import TrainingConfig
-        from mamba_slm.platform.train.engine import build_engine
-
-        cfg = TrainingConfig(zero_stage=3, global_batch_size=2 * world, micro_batch_size=2, seed=5)
-        engine, _ = build_engine(ModelConfig.from_name("tiny", vocab_size=256), cfg, world, use_gpu=False)
-        result = perplexity(engine, data, split="val", batch_size=2)
-        state = gather_full_state_dict(engine, rank)
-        out.put((rank, (result, {k: v.numpy() for k, v in state.items()})))
-    finally:
-        dist.destroy_process_group()
+    cfg = TrainingConfig(zero_stage=3, global_batch_size=2 * world, micro_batch_size=2, seed=5)
+    engine, _ = build_engine(ModelConfig.from_name("tiny", vocab_size=256), cfg, world, use_gpu=False)
+    result = perplexity(engine, data, split="val", batch_size=2)
+    state = gather_full_state_dict(engine, rank)
+    return result, {k: v.numpy() for k, v in state.items()}
 
 
 def test_perplexity_of_a_zero3_engine_with_unequal_rows_per_rank(spawn_ranks, tmp_path):
