@@ -65,7 +65,8 @@ def main() -> int:
             print(f"skip {case}: needs {gpus} GPUs, have {torch.cuda.device_count()}")
             continue
         rows.append(run_case(args, case, stage, gpus, data, work))
-    print_table(rows, torch.cuda.get_device_name(), args)
+        # the table so far after every case: a call cut short by its time limit keeps them
+        print_table(rows, torch.cuda.get_device_name(), args)
     return 0
 
 
@@ -102,6 +103,7 @@ def run_case(args, case: str, stage: int, gpus: int, data: Path, work: Path) -> 
     shutil.rmtree(work / "storage", ignore_errors=True)
     shutil.rmtree(out / "model", ignore_errors=True)
     steady = [r for r in records if r["step"] > args.warmup_steps and not r["skipped"]]
+    print(f"{case} losses by step: " + " ".join(f"{r['loss']:.2f}" for r in records), flush=True)
     if returncode not in (0, "timeout") or not steady:
         return {"case": case, "stage": stage, "gpus": gpus, "error": f"exit {returncode}", "wall": wall}
     tps = statistics.median(r["tokens_per_s"] for r in steady)

@@ -5,6 +5,7 @@ injected and survived, and what the sample ledger says was lost or repeated.
     python jobs/chaos.py                       # 24 steps, 3 crashes, 2 preemptions, 2 workers
     python jobs/chaos.py --seed 7 --steps 40 --crashes 5 --preemptions 3
     python jobs/chaos.py --workers 2 --min-workers 1   # resubmissions on 1 or 2 workers
+    python jobs/chaos.py --use-gpu                     # one GPU per worker: NCCL, bf16, the kernels
 
 The last line is always `faults injected N, survived N, samples lost N, repeated N`.
 Exit codes: 0 every fault survived with no sample lost or repeated, 1 otherwise, 2 bad
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resubmit each time on a random number of workers in [min, --workers] "
                         "(default 0: always --workers)")
     p.add_argument("--checkpoint-every", type=int, default=3, help="steps between checkpoints (default 3)")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL, bf16, the GPU kernels)")
     p.add_argument("--out", default="", help="working directory (default: a new temporary one)")
     return p
 
@@ -47,6 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.crashes + args.preemptions > args.steps:
         parser.error(f"--crashes + --preemptions ({args.crashes + args.preemptions}) cannot exceed "
                      f"--steps ({args.steps}): at most one fault per step")
+    if args.use_gpu:
+        import torch
+
+        if torch.cuda.device_count() < args.workers:
+            parser.error(f"--use-gpu needs a GPU per worker: {args.workers} workers, "
+                         f"{torch.cuda.device_count()} GPUs here")
     seed = args.seed if args.seed is not None else random.randrange(10**6)
     out = Path(args.out or tempfile.mkdtemp(prefix="chaos-")).resolve()
     from mamba_slm.platform.fault.chaos import run_chaos
@@ -65,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                            checkpoint_every=args.checkpoint_every, seed=seed)
         run = RunConfig(name=f"chaos-{seed}", num_workers=workers, output_dir=str(out / "run"),
                         storage_path=str(out / "storage"), wandb=False, plot=False,
-                        max_failures=max_failures, log_every=max(1, args.steps // 4))
+                        max_failures=max_failures, log_every=max(1, args.steps // 4), use_gpu=args.use_gpu)
         return resolve_job(t, DataConfig(path=str(data)), run, hooks=hooks)
 
     report = run_chaos(job_factory, out, seed, args.steps, args.crashes, args.preemptions, args.workers,

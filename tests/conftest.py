@@ -42,7 +42,10 @@ AGENT_PORT = DASHBOARD_PORT + 44100       # 52365 for the default dashboard port
 
 
 def _ray_bin() -> str:
-    return str(Path(sys.executable).with_name("ray"))
+    """The `ray` CLI beside this interpreter, else the one on PATH (Ray installed into a
+    --target directory, as on the GPU machines, has no script beside python)."""
+    beside = Path(sys.executable).with_name("ray")
+    return str(beside) if beside.exists() else (shutil.which("ray") or str(beside))
 
 
 def _stop_own_cluster(grace_s: float = 10.0) -> None:
@@ -82,13 +85,17 @@ def ray_cluster():
 
     address = f"127.0.0.1:{RAY_HEAD_PORT}"
     _stop_own_cluster()  # leftovers of an earlier session on the same ports
-    subprocess.run(
+    started = subprocess.run(
         [_ray_bin(), "start", "--head", f"--port={RAY_HEAD_PORT}", "--num-cpus=4",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={DASHBOARD_PORT}", f"--ray-client-server-port={CLIENT_PORT}",
          f"--dashboard-agent-listen-port={AGENT_PORT}", "--disable-usage-stats"],
-        check=True, capture_output=True, env={**os.environ},
+        capture_output=True, text=True, env={**os.environ},
     )
+    if started.returncode != 0:
+        _stop_own_cluster()
+        pytest.fail(f"`ray start --head` failed ({started.returncode}):\n{started.stdout[-3000:]}\n"
+                    f"{started.stderr[-3000:]}", pytrace=False)
     _wait_for_job_agent(f"http://127.0.0.1:{DASHBOARD_PORT}")
     os.environ["RAY_ADDRESS"] = address
     ray.init(address=address, log_to_driver=False, logging_level="ERROR")

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -32,3 +33,10 @@ def test_chaos_refuses_bad_arguments(repo_root):
     run = subprocess.run([sys.executable, "jobs/chaos.py", "--workers", "2", "--min-workers", "3"],
                          cwd=repo_root, capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "--min-workers 3 must be between 0 and --workers (2)" in run.stderr
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="this machine has the GPUs")
+def test_chaos_on_gpus_needs_a_gpu_per_worker(repo_root):
+    run = subprocess.run([sys.executable, "jobs/chaos.py", "--use-gpu", "--workers", "2"],
+                         cwd=repo_root, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "--use-gpu needs a GPU per worker: 2 workers" in run.stderr
