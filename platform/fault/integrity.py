@@ -9,11 +9,14 @@ That catches both failure modes of spot capacity:
   manifest missing, a file short);
 - corrupt: bytes changed afterwards (a bad disk, a truncated copy, a partial sync).
 
-Publishing: in local mode the checkpoint is written under a hidden temporary name and
-renamed into place (`os.replace` is atomic on POSIX), so a reader never sees half of
-it. Under Ray Train the workers' directories are uploaded by Ray, which registers a
-checkpoint only after the upload finished; the manifests make a torn or damaged upload
-detectable all the same.
+Publishing: where the storage is a filesystem path (local mode, or a directory every
+worker reaches, e.g. NFS), the checkpoint is written under a hidden temporary name next
+to its final one and renamed into place (`os.replace` is atomic on POSIX), so a reader
+never sees half of it; a leftover temporary directory (a writer killed mid-save) is
+never read, and is cleared when the same step is written again. With a bucket (s3://,
+gs://) the workers' directories are uploaded by Ray, which registers a checkpoint only
+after the upload finished; the manifests make a torn or damaged upload detectable all
+the same.
 """
 from __future__ import annotations
 
@@ -126,8 +129,31 @@ def publish_atomically(tmp_dir: str | Path, final_dir: str | Path) -> Path:
 
 
 def temporary_dir_for(final_dir: str | Path) -> Path:
+    """Hidden (not matched by `CHECKPOINT_GLOB`), so resume and pruning never see it."""
     final_dir = Path(final_dir)
     return final_dir.with_name(f".tmp-{final_dir.name}-{os.getpid()}")
+
+
+def fresh_temporary_dir(final_dir: str | Path) -> Path:
+    """`temporary_dir_for(final_dir)`, created empty, once the temporary directories of
+    the same checkpoint left by writers killed mid-save (earlier attempts) are removed."""
+    final_dir = Path(final_dir)
+    for stale in final_dir.parent.glob(f".tmp-{final_dir.name}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = temporary_dir_for(final_dir)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def move_files(src: str | Path, dest: str | Path) -> None:
+    """Move every file under `src` to the same relative path under `dest` (renames on one
+    filesystem, no copy), then remove `src`. Several workers may fill one `dest` at once."""
+    src, dest = Path(src), Path(dest)
+    for f in sorted(p for p in src.rglob("*") if p.is_file()):
+        target = dest / f.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(f, target)
+    shutil.rmtree(src)
 
 
 def prune_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:

@@ -139,3 +139,13 @@ def all_reduce_max(values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
+
+
+def broadcast_from_rank0(obj):
+    """Rank 0's `obj` on every worker (identity without a process group). Under NCCL the
+    pickled object travels through the current CUDA device, set by the training loop."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

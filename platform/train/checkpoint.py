@@ -1,7 +1,8 @@
 """Training checkpoints: the one module that writes and reads them.
 
 A checkpoint directory (one per saved step, `step_00000050/` under the run's storage
-path, assembled by Ray Train from every worker's files):
+path; every worker writes its own files into it, see `write_in_place`, or with a bucket
+Ray Train uploads and merges them):
 
     train_state.json          step, sample position, counters, the full JobSpec config
     rng_rank{r}.pt            python / numpy / torch RNG state of worker r
@@ -25,13 +26,15 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from mamba_slm.model import HybridLM, ModelConfig
 from mamba_slm.model.io import CONFIG_FILE, WEIGHTS_FILE, load_pretrained, save_pretrained
+from mamba_slm.platform.fault.integrity import fresh_temporary_dir, move_files, publish_atomically
+from mamba_slm.platform.fault.worker import broadcast_from_rank0
 
 from .state import TrainState
 
@@ -127,7 +130,7 @@ def load_checkpoint(engine, path: Path, rank: int, world: int = 0, node: tuple[i
     finally:
         if universal:
             engine._config.load_universal_checkpoint = False
-            _barrier()
+            barrier()
             if local_rank == 0:
                 shutil.rmtree(load_dir, ignore_errors=True)
     if load_path is None:
@@ -158,15 +161,37 @@ def _universal_copy(path: Path, saved: int, world: int, node_rank: int, local_ra
         log.warning("checkpoint %s was written by %d workers, resuming on %d: converting it to a "
                     "DeepSpeed universal checkpoint", path.name, saved, world)
         to_universal(path, out)
-    _barrier()
+    barrier()
     return out
 
 
-def _barrier() -> None:
+def barrier() -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():
         dist.barrier()
+
+
+def write_in_place(final_dir: Path, rank: int, write: Callable[[Path], None]) -> Path:
+    """Collective: a checkpoint written straight into its directory in storage (one every
+    worker can reach), published only once complete.
+
+    Rank 0 makes one temporary directory beside `final_dir` (removing what a writer killed
+    while saving the same step left there) before any rank writes. `write(part)` writes and
+    seals this worker's files in its own part of it, so its manifest covers exactly the
+    files it wrote (as when each worker writes a local directory for Ray to merge); the
+    parts are moved in, and once every rank has done so rank 0 renames the directory into
+    place; every rank returns after that. A worker killed on the way leaves only the
+    hidden temporary directory (resume never reads it)."""
+    tmp = broadcast_from_rank0(fresh_temporary_dir(final_dir) if rank == 0 else None)
+    part = tmp / f".rank{rank}"
+    write(part)
+    move_files(part, tmp)
+    barrier()
+    if rank == 0:
+        publish_atomically(tmp, final_dir)
+    barrier()
+    return final_dir
 
 
 def gather_full_state_dict(engine, rank: int) -> dict[str, torch.Tensor]:

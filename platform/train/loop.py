@@ -4,8 +4,12 @@ One optimizer step = `grad_accum` micro-batches of this worker's slice of the gl
 batch (data.py), forward + backward through the DeepSpeed engine, then the ZeRO step.
 After each step: per-step hooks, metrics to wandb/metrics.jsonl/console, and (every
 `checkpoint_every` steps, at the end, or when a hook asks) a checkpoint through
-`ray.train.report`. Metrics alone go to Ray at most every RAY_REPORT_EVERY_S: a report
-waits until Ray Train's controller has taken the previous one, and it polls every 2 s
+`ray.train.report`. Where the storage path is a directory, the workers write the
+checkpoint straight into the run's directory there (under a temporary name, renamed when
+complete) and Ray only registers it: no second copy on the node's disk, no copy time in
+a save. With a bucket (s3://, gs://) each worker writes to the node's temp dir and Ray
+uploads it. Metrics alone go to Ray at most every RAY_REPORT_EVERY_S: a report waits
+until Ray Train's controller has taken the previous one, and it polls every 2 s
 (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so a report per step held 1 s steps to 2 s.
 
 Bad steps: each micro-batch's loss is averaged over the workers before its backward; if
@@ -34,12 +38,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mamba_slm.platform.fault.integrity import (latest_good_checkpoint, prune_checkpoints, publish_atomically,
-                                                temporary_dir_for, verify_checkpoint)
+from mamba_slm.platform.fault.integrity import latest_good_checkpoint, prune_checkpoints, verify_checkpoint
 from mamba_slm.platform.fault.worker import WorkerFaultTolerance
 
 from .checkpoint import (check_architecture, checkpoint_dir_name, load_checkpoint, read_train_state,
-                         save_checkpoint, save_final_model)
+                         save_checkpoint, save_final_model, write_in_place)
 from .data import Batch, PackedSampleReader, StepBatches
 from .metrics import MetricsLogger, memory_gb, peak_flops_per_device, plot_loss_curve
 from .schedule import lr_at
@@ -298,9 +301,8 @@ def report(engine, job: JobSpec, config: dict[str, Any], state: TrainState, metr
            rank: int, logger: MetricsLogger | None, ft: WorkerFaultTolerance, report_due: bool) -> bool:
     """-> whether this step reported to Ray. Every worker decides alike (Ray requires the
     same number of calls): at checkpoint steps, at the end, and when `report_due` (agreed
-    by all workers). Checkpoint steps attach each worker's files, which Ray merges into
-    one directory. A checkpoint is sealed (ledger + checksums, platform/fault) before it
-    is published; in local mode it is written under a temporary name and renamed into place."""
+    by all workers). A checkpoint is sealed (ledger + checksums, platform/fault) before it
+    is published (module docstring: where it is written)."""
     import ray.train
 
     cfg = job.training
@@ -316,22 +318,51 @@ def report(engine, job: JobSpec, config: dict[str, Any], state: TrainState, metr
         return end or report_due
     state.checkpoint_requested = False
     name = checkpoint_dir_name(state.step)
-    local_mode = config["local_mode"]
     t0 = time.perf_counter()
-    path = temporary_dir_for(Path(config["run_dir"]) / name) if local_mode else Path(tempfile.mkdtemp(prefix=f"{name}-"))
-    save_checkpoint(engine, state, job.to_dict(), path, rank)
-    if final:
-        write_final_outputs(engine, job, state, path, rank, logger)
-    ft.seal(path, state)
-    if local_mode:
-        path = publish_atomically(path, Path(config["run_dir"]) / name)
-        prune_checkpoints(config["run_dir"], job.run.keep_checkpoints)
+
+    def write(path: Path) -> None:  # collective: this worker's files, sealed
+        save_checkpoint(engine, state, job.to_dict(), path, rank)
+        if final:
+            write_final_outputs(engine, job, state, path, rank, logger)
+        ft.seal(path, state)
+
+    destination = checkpoint_destination(config, name)
+    if destination is None:  # a bucket: Ray uploads each worker's directory and merges them
+        path = Path(tempfile.mkdtemp(prefix=f"{name}-"))
+        write(path)
+        checkpoint = ray.train.Checkpoint.from_directory(str(path))
+        upload = ray.train.CheckpointUploadMode.SYNC
+    else:
+        final_dir, filesystem = destination
+        write_in_place(final_dir, rank, write)
+        if config["local_mode"]:  # else Ray's CheckpointConfig(num_to_keep) prunes, on registering
+            prune_checkpoints(final_dir.parent, job.run.keep_checkpoints)
+        # The same checkpoint from every worker (Ray refuses reports of different paths)
+        checkpoint = ray.train.Checkpoint(str(final_dir), filesystem=filesystem)
+        upload = ray.train.CheckpointUploadMode.NO_UPLOAD
     ft.checkpoint_written(state.step, time.perf_counter() - t0)
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)),
-                     checkpoint_dir_name=name)
-    if not local_mode:
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name, checkpoint_upload_mode=upload)
+    if destination is None:
         shutil.rmtree(path, ignore_errors=True)
     return True
+
+
+def checkpoint_destination(config: dict[str, Any], name: str) -> tuple[Path, Any] | None:
+    """(directory, pyarrow filesystem) of checkpoint `name` when the workers can write it
+    there themselves: in local mode the run directory; else the run's directory in storage
+    if that is a filesystem path (on a multi-node cluster Ray Train requires it to be
+    shared storage such as NFS). None for a bucket (s3://, gs://, ...)."""
+    import pyarrow.fs
+    import ray.train
+
+    if config["local_mode"]:
+        return Path(config["run_dir"]) / name, pyarrow.fs.LocalFileSystem()
+    storage = ray.train.get_context().get_storage()
+    if not isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
+        return None
+    # Ray registers a NO_UPLOAD checkpoint only on its storage filesystem under its run
+    # directory, and names it by that path spelled as Ray spells it.
+    return Path(storage.build_checkpoint_path_from_name(name)), storage.storage_filesystem
 
 
 def write_final_outputs(engine, job: JobSpec, state: TrainState, ckpt_path: Path, rank: int,
