@@ -61,6 +61,8 @@ def resolve_job(training: TrainingConfig, data: DataConfig, run: RunConfig,
     name = run.name or f"{training.name}-{training.model_size}"
     output = Path(run.output_dir or Path("runs") / name).resolve()
     storage = run.storage_path or str(output.parent)
+    if storage.startswith("file://"):  # a directory spelled as a URI: resume scans it as one
+        storage = storage[len("file://"):]
     if not is_uri(storage):
         storage = str(Path(storage).resolve())
     if run.storage_path == "" and output.name != name:

@@ -132,3 +132,11 @@ def test_metrics_go_to_ray_when_due_and_at_the_end(synthetic_data, tmp_path, mon
     job.run.save_final = False
     result = run_pretraining(job)
     assert reported == calls and result.last["step"] == 3
+
+
+def test_storage_given_as_a_file_uri_is_a_directory(synthetic_data, tmp_path):
+    """A file:// storage path is the same directory as its plain spelling, so resume's scan
+    of the run's storage directory (and writing checkpoints in place) finds it."""
+    job = resolve_job(TrainingConfig(max_steps=1), DataConfig(path=str(synthetic_data)),
+                      RunConfig(name="r", output_dir=str(tmp_path / "out"), storage_path=f"file://{tmp_path}/store"))
+    assert job.run.storage_path == str((tmp_path / "store").resolve())
