@@ -4,16 +4,14 @@ tiny preset, DeepSpeed ZeRO-2), against one uninterrupted run with the same seed
 1. SIGKILL a worker process at three random steps: Ray Train restarts the worker group
    from the latest checkpoint each time; the final weights are bit-identical to the
    uninterrupted run (same data order by global sample index, same RNG, same reduction
-   order on the same number of workers), and the ledger holds every sample once.
+   order on the same number of workers), and the ledger holds every sample once. The
+   storage is a directory, so the workers write every checkpoint straight into it
+   (nothing through the node's temp dir), past a torn one left there.
 3. SIGTERM a worker: every worker finishes the step, a checkpoint is published within
    the grace period, the run ends cleanly; resubmitted, it continues from there and
    again ends bit-identical.
 5. SIGKILL the job driver mid-run and run the same command again: it resumes from the
    latest checkpoint in storage and ends bit-identical.
-
-And with storage on a filesystem path, the workers write checkpoints straight into it
-(nothing through the node's temp dir) past a torn one left there, and the run still
-resumes bit-identically.
 """
 from __future__ import annotations
 
@@ -35,7 +33,6 @@ from safetensors.torch import load_file
 from mamba_slm.platform.fault.inject import SignalAtSteps, fired
 from mamba_slm.platform.fault.integrity import verify_checkpoint
 from mamba_slm.platform.fault.ledger import audit_checkpoint
-from mamba_slm.platform.train.hooks import FailAtStep
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 STEPS, BATCH = 8, 8  # as conftest.run_tiny
@@ -63,17 +60,57 @@ def _assert_ledger_exact(run_dir):
     assert audit.lost == 0 and audit.repeated == 0, audit
 
 
-def test_sigkill_at_three_random_steps(baseline, synthetic_data, tmp_path, _run):
+class RecordTempDirs:
+    """Hook: from its first call on, every directory this worker makes through `tempfile`
+    is appended to `log` (one line per directory)."""
+
+    def __init__(self, log: Path):
+        self.log = str(log)
+
+    def on_step_end(self, state, rank: int) -> None:
+        if getattr(tempfile.mkdtemp, "recorded_in", None) == self.log:
+            return
+        real, log = tempfile.mkdtemp, self.log
+
+        def mkdtemp(*args, **kwargs):
+            path = real(*args, **kwargs)
+            with open(log, "a") as f:
+                f.write(f"rank {rank}: {path}\n")
+            return path
+
+        mkdtemp.recorded_in = log
+        tempfile.mkdtemp = mkdtemp
+
+
+# The hook travels to the workers pickled; they cannot import this test module.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def test_sigkill_at_three_random_steps(baseline, synthetic_data, tmp_path, fault_run):
+    """Also: no worker makes a temp dir for a checkpoint; a torn temporary directory of
+    step 4 (a writer killed mid-save) is never resumed from and is cleared when step 4 is
+    written; Ray Train's keep_checkpoints prunes the published ones."""
     seed = int(os.environ.get("FAULT_SEED", random.randrange(10**6)))
     kill_steps = sorted(random.Random(seed).sample(range(1, STEPS + 1), 3))
     print(f"FAULT_SEED={seed}: SIGKILL rank 1 after steps {kill_steps}")
-    markers = tmp_path / "kills"
-    result = _run(synthetic_data, tmp_path, "killed", max_failures=3,
-                  hooks=[SignalAtSteps(kill_steps, markers, rank=1, sig=signal.SIGKILL)])
+    run_dir, log, markers = tmp_path / "storage" / "killed", tmp_path / "tempdirs.log", tmp_path / "kills"
+    torn = run_dir / ".tmp-step_00000004-999999"
+    (torn / ".rank1" / "ds").mkdir(parents=True)
+    (torn / ".rank1" / "ds" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"torn")
+    result = fault_run(synthetic_data, tmp_path, "killed", max_failures=3, keep_checkpoints=2,
+                       hooks=[RecordTempDirs(log), SignalAtSteps(kill_steps, markers, rank=1, sig=signal.SIGKILL)])
     assert fired(markers) == [f"SIGKILL-step{s}" for s in kill_steps], "not every kill fired"
     assert result.last["step"] == STEPS
+    assert not log.exists(), f"checkpoints went through temp dirs:\n{log.read_text()}"
+    assert sorted(p.name for p in run_dir.iterdir() if p.is_dir()) == ["step_00000006", "step_00000008"]
+    final = run_dir / f"step_{STEPS:08d}"
+    assert result.checkpoint == str(final)
+    for name in ("rng_rank0.pt", "rng_rank1.pt", "integrity_rank0.json", "integrity_rank1.json",
+                 "model/model.safetensors"):
+        assert (final / name).is_file(), name
+    assert verify_checkpoint(run_dir / "step_00000006") == ""
     _assert_same_weights(baseline, tmp_path / "killed" / "model")
-    _assert_ledger_exact(tmp_path / "storage" / "killed")
+    _assert_ledger_exact(run_dir)
 
 
 def test_sigterm_checkpoints_within_grace_then_resumes(baseline, synthetic_data, tmp_path, _run):
@@ -124,56 +161,3 @@ def test_killed_driver_resubmitted_resumes_from_latest_checkpoint(baseline, synt
     assert resumed is not None and resumed >= 2 and records[-1]["step"] == STEPS
     _assert_same_weights(baseline, tmp_path / "driver" / "model")
     _assert_ledger_exact(tmp_path / "storage" / "driver")
-
-
-class RecordTempDirs:
-    """Hook: from its first call on, every directory this worker makes through `tempfile`
-    is appended to `log` (one line per directory)."""
-
-    def __init__(self, log: Path):
-        self.log = str(log)
-
-    def on_step_end(self, state, rank: int) -> None:
-        if getattr(tempfile.mkdtemp, "recorded_in", None) == self.log:
-            return
-        real, log = tempfile.mkdtemp, self.log
-
-        def mkdtemp(*args, **kwargs):
-            path = real(*args, **kwargs)
-            with open(log, "a") as f:
-                f.write(f"rank {rank}: {path}\n")
-            return path
-
-        mkdtemp.recorded_in = log
-        tempfile.mkdtemp = mkdtemp
-
-
-# The hook travels to the workers pickled; they cannot import this test module.
-ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-
-def test_checkpoints_are_written_in_place_in_a_storage_directory(baseline, synthetic_data, tmp_path,
-                                                                 fault_run):
-    """Every checkpoint of a 2-worker run with a directory as storage is written there
-    once: no worker makes a temp dir, a torn temporary directory of step 4 (a writer killed
-    mid-save) is never resumed from and is cleared when step 4 is written, Ray Train's
-    keep_checkpoints prunes the published ones, and a worker crash after step 3 resumes
-    from step 2 bit-identically."""
-    run_dir, log = tmp_path / "storage" / "in-place", tmp_path / "tempdirs.log"
-    torn = run_dir / ".tmp-step_00000004-999999"
-    (torn / ".rank1" / "ds").mkdir(parents=True)
-    (torn / ".rank1" / "ds" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"torn")
-    marker = tmp_path / "failed-once"
-    result = fault_run(synthetic_data, tmp_path, "in-place", max_failures=1, keep_checkpoints=2,
-                       hooks=[RecordTempDirs(log), FailAtStep(3, marker, rank=1)])
-    assert marker.is_file() and result.last["resumed_from_step"] == 2 and result.last["step"] == STEPS
-    assert not log.exists(), f"checkpoints went through temp dirs:\n{log.read_text()}"
-    assert sorted(p.name for p in run_dir.iterdir() if p.is_dir()) == ["step_00000006", "step_00000008"]
-    final = run_dir / f"step_{STEPS:08d}"
-    assert result.checkpoint == str(final)
-    for name in ("rng_rank0.pt", "rng_rank1.pt", "integrity_rank0.json", "integrity_rank1.json",
-                 "model/model.safetensors"):
-        assert (final / name).is_file(), name
-    assert verify_checkpoint(run_dir / "step_00000006") == ""
-    _assert_same_weights(baseline, tmp_path / "in-place" / "model")
-    _assert_ledger_exact(run_dir)
