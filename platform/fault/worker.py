@@ -78,6 +78,7 @@ class WorkerFaultTolerance:
         self.auto = (AutoCadence(run.preemptions_per_hour, max(1, world)) if self.every == "auto" else None)
         self.last_checkpoint_step = None
         self.preempted = ""
+        self.step_time, self.warned_grace = 0.0, False
         notices = build_notices(run.preemption_notices, run.aws_metadata_url or AWS_METADATA,
                                 run.gcp_metadata_url or GCP_METADATA)
         self.watcher = PreemptionWatcher(notices, grace_s=run.preemption_grace_s,
@@ -93,6 +94,7 @@ class WorkerFaultTolerance:
         if self.last_checkpoint_step is None:
             self.last_checkpoint_step = state.resumed_from_step or 0
         flags = all_reduce_max([1.0 if self.watcher.check() else 0.0, step_time, float(report_wanted)])
+        self.step_time = flags[1]
         if self.auto is not None:
             self.auto.observe_step(flags[1])
         if flags[0] > 0 and not self.preempted:
@@ -119,11 +121,23 @@ class WorkerFaultTolerance:
         seal_checkpoint(path, self.rank, self.world, state.step)
 
     def checkpoint_written(self, step: int, seconds: float) -> None:
-        """Collective when cadence is auto (the slowest writer decides, on every rank)."""
+        """Collective: the slowest writer's time decides, on every rank. Warns once when a
+        step plus a checkpoint write takes longer than the preemption grace period (a
+        notice would then end in a torn checkpoint and the run would resume from the one
+        before, losing the steps since)."""
         self.last_checkpoint_step = step
+        slowest = all_reduce_max([seconds])[0]
+        grace = self.watcher.grace_s
+        if self.rank == 0 and not self.warned_grace and self.step_time + slowest > grace:
+            self.warned_grace = True
+            self.message(f"checkpoint write took {slowest:.1f} s (+ a {self.step_time:.1f} s step), longer than "
+                         f"the preemption grace period of {grace:.0f} s: a preemption notice would not "
+                         "leave time to checkpoint, and the run would resume from the checkpoint before. "
+                         "Raise --preemption-grace-s (and the pod's terminationGracePeriodSeconds) or "
+                         "use storage that writes faster.")
         if self.auto is None:
             return
-        line = self.auto.observe_write(all_reduce_max([seconds])[0])
+        line = self.auto.observe_write(slowest)
         if self.rank == 0:
             self.message(line)
 

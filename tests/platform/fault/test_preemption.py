@@ -112,3 +112,23 @@ def test_auto_cadence_is_young_daly_in_steps():
     assert cadence.interval_steps == 329, line
     assert not cadence.due(328) and cadence.due(329)
     assert "every 329 steps" in line and "write 8 s" in line
+
+
+def test_a_checkpoint_slower_than_the_grace_period_is_warned_about_once():
+    from mamba_slm.platform.fault.worker import WorkerFaultTolerance
+    from mamba_slm.platform.train.config import RunConfig, TrainingConfig
+    from mamba_slm.platform.train.state import TrainState
+
+    said = []
+    ft = WorkerFaultTolerance(TrainingConfig(checkpoint_every=2), RunConfig(preemption_grace_s=10.0,
+                              preemption_notices=""), rank=0, world=1, resume_dir=None, message=said.append)
+    try:
+        ft.after_step(TrainState(), step_time=3.0)
+        ft.checkpoint_written(2, 6.0)  # 3 + 6 s fit in 10 s
+        assert said == []
+        ft.checkpoint_written(4, 8.0)  # 3 + 8 s do not
+        ft.checkpoint_written(6, 9.0)
+    finally:
+        ft.close()
+    assert len(said) == 1 and "took 8.0 s (+ a 3.0 s step)" in said[0] and "grace period of 10 s" in said[0]
+    assert "--preemption-grace-s" in said[0]
