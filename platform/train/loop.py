@@ -38,7 +38,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mamba_slm.platform.fault.integrity import latest_good_checkpoint, prune_checkpoints, verify_checkpoint
+from mamba_slm.platform.fault.integrity import (CHECKPOINT_GLOB, latest_good_checkpoint, prune_checkpoints,
+                                                verify_checkpoint)
 from mamba_slm.platform.fault.worker import WorkerFaultTolerance
 
 from .checkpoint import (check_architecture, checkpoint_dir_name, load_checkpoint, read_train_state,
@@ -206,6 +207,8 @@ def find_resume_checkpoint(job: JobSpec, config: dict[str, Any], stack: ExitStac
         # same name is the same checkpoint, already verified (checksums read every file).
         on_disk = latest_good_checkpoint(config["run_dir"])
         if on_disk is not None and (found is None or on_disk.name >= found.name):
+            if found is None or on_disk.name > found.name:  # Ray never registered it
+                config["unregistered_checkpoint"] = str(on_disk)
             found = on_disk
         elif found is not None and verify_checkpoint(found):  # torn or corrupt: the previous good one
             newest = found
@@ -344,7 +347,19 @@ def report(engine, job: JobSpec, config: dict[str, Any], state: TrainState, metr
     ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name, checkpoint_upload_mode=upload)
     if destination is None:
         shutil.rmtree(path, ignore_errors=True)
+    elif rank == 0 and not config["local_mode"]:
+        prune_unregistered(config, destination[0].parent, job.run.keep_checkpoints)
     return True
+
+
+def prune_unregistered(config: dict[str, Any], run_dir: Path, keep: int) -> None:
+    """The checkpoint this run resumed from when Ray never registered it (a worker died
+    between its write and Ray's registration) is not Ray's to prune: it goes once `keep`
+    newer ones are published."""
+    stale = config.get("unregistered_checkpoint")
+    if stale and sum(p.name > Path(stale).name for p in run_dir.glob(CHECKPOINT_GLOB)) >= keep:
+        shutil.rmtree(stale, ignore_errors=True)
+        del config["unregistered_checkpoint"]
 
 
 def checkpoint_destination(config: dict[str, Any], name: str) -> tuple[Path, Any] | None:

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
@@ -24,7 +23,9 @@ def test_ray_job_submit_trains_the_default_config_and_leaves_a_checkpoint(ray_cl
     data = ensure_demo_data(repo_root / "data" / "demo")  # built once, cached
     name = f"job-{uuid.uuid4().hex[:8]}"
     out = tmp_path / name
-    ray = str(Path(sys.executable).with_name("ray"))
+    if ray_cluster["dashboard"] is None:
+        pytest.skip("the test cluster has no dashboard (job submission needs it)")
+    ray = ray_cluster["ray"]
     cmd = [ray, "job", "submit", "--address", ray_cluster["dashboard"], "--working-dir", ".",
            "--runtime-env-json", json.dumps({"excludes": EXCLUDES}), "--",
            "python", "jobs/pretrain.py", "--size", "tiny", "--max-steps", "20", "--name", name,

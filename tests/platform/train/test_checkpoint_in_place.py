@@ -61,3 +61,21 @@ def test_two_ranks_write_one_checkpoint_in_place_over_gloo(spawn_ranks, tmp_path
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (NCCL)")
 def test_two_ranks_write_one_checkpoint_in_place_over_nccl(spawn_ranks, tmp_path):
     _run(spawn_ranks, tmp_path, "nccl")
+
+
+def test_a_resumed_checkpoint_ray_never_registered_is_pruned_once_enough_newer_ones_exist(tmp_path):
+    """Ray prunes only what it registered; a checkpoint sealed in storage whose worker died
+    before Ray registered it (and that the run resumed from) is pruned by rank 0 instead."""
+    from mamba_slm.platform.train.loop import prune_unregistered
+
+    for step in (4, 6):
+        (tmp_path / f"step_{step:08d}").mkdir()
+    config = {"unregistered_checkpoint": str(tmp_path / "step_00000004")}
+    prune_unregistered(config, tmp_path, keep=2)
+    assert (tmp_path / "step_00000004").is_dir(), "pruned with only one newer checkpoint"
+    (tmp_path / "step_00000008").mkdir()
+    prune_unregistered(config, tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000006", "step_00000008"]
+    assert "unregistered_checkpoint" not in config
+    prune_unregistered(config, tmp_path, keep=1)  # nothing left to prune: a no-op
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000006", "step_00000008"]
