@@ -135,10 +135,12 @@ def temporary_dir_for(final_dir: str | Path) -> Path:
 
 
 def fresh_temporary_dir(final_dir: str | Path) -> Path:
-    """`temporary_dir_for(final_dir)`, created empty, once the temporary directories of
-    the same checkpoint left by writers killed mid-save (earlier attempts) are removed."""
+    """`temporary_dir_for(final_dir)`, created empty, once the temporary checkpoint
+    directories left in the run's directory by writers killed mid-save are removed (one
+    checkpoint is written at a time, so none of them is being written; a torn save at a
+    step never written again would otherwise stay forever)."""
     final_dir = Path(final_dir)
-    for stale in final_dir.parent.glob(f".tmp-{final_dir.name}-*"):
+    for stale in final_dir.parent.glob(f".tmp-{CHECKPOINT_GLOB}-*"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = temporary_dir_for(final_dir)
     tmp.mkdir(parents=True)

@@ -208,7 +208,7 @@ def find_resume_checkpoint(job: JobSpec, config: dict[str, Any], stack: ExitStac
         on_disk = latest_good_checkpoint(config["run_dir"])
         if on_disk is not None and (found is None or on_disk.name >= found.name):
             if found is None or on_disk.name > found.name:  # Ray never registered it
-                config["unregistered_checkpoint"] = str(on_disk)
+                mark_unregistered(on_disk)
             found = on_disk
         elif found is not None and verify_checkpoint(found):  # torn or corrupt: the previous good one
             newest = found
@@ -338,28 +338,42 @@ def report(engine, job: JobSpec, config: dict[str, Any], state: TrainState, metr
     else:
         final_dir, filesystem = destination
         write_in_place(final_dir, rank, write)
+        if rank == 0:  # a step written again (after a fallback past a damaged one): Ray registers it now
+            (final_dir.parent / f"{UNREGISTERED}{name}").unlink(missing_ok=True)
         if config["local_mode"]:  # else Ray's CheckpointConfig(num_to_keep) prunes, on registering
             prune_checkpoints(final_dir.parent, job.run.keep_checkpoints)
         # The same checkpoint from every worker (Ray refuses reports of different paths)
         checkpoint = ray.train.Checkpoint(str(final_dir), filesystem=filesystem)
         upload = ray.train.CheckpointUploadMode.NO_UPLOAD
-    ft.checkpoint_written(state.step, time.perf_counter() - t0)
+    if destination is not None:
+        ft.checkpoint_written(state.step, time.perf_counter() - t0)
     ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name, checkpoint_upload_mode=upload)
     if destination is None:
+        ft.checkpoint_written(state.step, time.perf_counter() - t0)  # the upload included
         shutil.rmtree(path, ignore_errors=True)
     elif rank == 0 and not config["local_mode"]:
-        prune_unregistered(config, destination[0].parent, job.run.keep_checkpoints)
+        prune_unregistered(destination[0].parent, job.run.keep_checkpoints)
     return True
 
 
-def prune_unregistered(config: dict[str, Any], run_dir: Path, keep: int) -> None:
-    """The checkpoint this run resumed from when Ray never registered it (a worker died
-    between its write and Ray's registration) is not Ray's to prune: it goes once `keep`
-    newer ones are published."""
-    stale = config.get("unregistered_checkpoint")
-    if stale and sum(p.name > Path(stale).name for p in run_dir.glob(CHECKPOINT_GLOB)) >= keep:
-        shutil.rmtree(stale, ignore_errors=True)
-        del config["unregistered_checkpoint"]
+UNREGISTERED = ".unregistered-"  # + a checkpoint's name: a marker file in the run's directory
+
+
+def mark_unregistered(checkpoint: Path) -> None:
+    """Record (on disk, so that later restarts know) that Ray never registered this sealed
+    checkpoint (a worker died between its write and Ray's registration): Ray prunes only
+    what it registered, so `prune_unregistered` will."""
+    (checkpoint.parent / f"{UNREGISTERED}{checkpoint.name}").touch()
+
+
+def prune_unregistered(run_dir: Path, keep: int) -> None:
+    """Delete the checkpoints marked unregistered once `keep` newer ones are published."""
+    names = sorted(p.name for p in run_dir.glob(CHECKPOINT_GLOB))
+    for marker in run_dir.glob(f"{UNREGISTERED}*"):
+        name = marker.name[len(UNREGISTERED):]
+        if sum(n > name for n in names) >= keep:
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+            marker.unlink(missing_ok=True)
 
 
 def checkpoint_destination(config: dict[str, Any], name: str) -> tuple[Path, Any] | None:
@@ -375,6 +389,12 @@ def checkpoint_destination(config: dict[str, Any], name: str) -> tuple[Path, Any
     storage = ray.train.get_context().get_storage()
     if not isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
         return None
+    if not config.get("storage_checked") and hasattr(storage, "_check_validation_file"):
+        # What Ray's upload checks on every worker (NO_UPLOAD skips it): the marker file
+        # Ray's controller wrote in the run's storage directory is seen here, i.e. the
+        # directory is shared storage and not one node's local disk; else Ray's error.
+        storage._check_validation_file()
+        config["storage_checked"] = True
     # Ray registers a NO_UPLOAD checkpoint only on its storage filesystem under its run
     # directory, and names it by that path spelled as Ray spells it.
     return Path(storage.build_checkpoint_path_from_name(name)), storage.storage_filesystem

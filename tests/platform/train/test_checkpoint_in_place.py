@@ -65,17 +65,26 @@ def test_two_ranks_write_one_checkpoint_in_place_over_nccl(spawn_ranks, tmp_path
 
 def test_a_resumed_checkpoint_ray_never_registered_is_pruned_once_enough_newer_ones_exist(tmp_path):
     """Ray prunes only what it registered; a checkpoint sealed in storage whose worker died
-    before Ray registered it (and that the run resumed from) is pruned by rank 0 instead."""
-    from mamba_slm.platform.train.loop import prune_unregistered
+    before Ray registered it (the run resumed from it) is marked on disk, so that a later
+    worker group still knows, and rank 0 prunes it once `keep` newer ones exist."""
+    from mamba_slm.platform.train.loop import mark_unregistered, prune_unregistered
 
     for step in (4, 6):
         (tmp_path / f"step_{step:08d}").mkdir()
-    config = {"unregistered_checkpoint": str(tmp_path / "step_00000004")}
-    prune_unregistered(config, tmp_path, keep=2)
+    mark_unregistered(tmp_path / "step_00000004")
+    prune_unregistered(tmp_path, keep=2)
     assert (tmp_path / "step_00000004").is_dir(), "pruned with only one newer checkpoint"
     (tmp_path / "step_00000008").mkdir()
-    prune_unregistered(config, tmp_path, keep=2)
+    prune_unregistered(tmp_path, keep=2)  # e.g. by a later worker group, after a restart
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000006", "step_00000008"]
-    assert "unregistered_checkpoint" not in config
-    prune_unregistered(config, tmp_path, keep=1)  # nothing left to prune: a no-op
+    prune_unregistered(tmp_path, keep=1)  # registered ones are Ray's: untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000006", "step_00000008"]
+
+
+def test_torn_temporary_dirs_of_any_step_are_cleared_before_a_write(tmp_path):
+    from mamba_slm.platform.fault.integrity import fresh_temporary_dir
+
+    for torn in (".tmp-step_00000003-111", ".tmp-step_00000004-222"):
+        (tmp_path / torn / ".rank0").mkdir(parents=True)
+    tmp = fresh_temporary_dir(tmp_path / "step_00000006")
+    assert [p.name for p in tmp_path.iterdir()] == [tmp.name] and not any(tmp.iterdir())
