@@ -13,7 +13,7 @@ Publishing: where the storage is a filesystem path (local mode, or a directory e
 worker reaches, e.g. NFS), the checkpoint is written under a hidden temporary name next
 to its final one and renamed into place (`os.replace` is atomic on POSIX), so a reader
 never sees half of it; a leftover temporary directory (a writer killed mid-save) is
-never read, and is cleared when the same step is written again. With a bucket (s3://,
+never read, and is cleared before the run's next write. With a bucket (s3://,
 gs://) the workers' directories are uploaded by Ray, which registers a checkpoint only
 after the upload finished; the manifests make a torn or damaged upload detectable all
 the same.

@@ -176,8 +176,8 @@ def write_in_place(final_dir: Path, rank: int, write: Callable[[Path], None]) ->
     """Collective: a checkpoint written straight into its directory in storage (one every
     worker can reach), published only once complete.
 
-    Rank 0 makes one temporary directory beside `final_dir` (removing what a writer killed
-    while saving the same step left there) before any rank writes. `write(part)` writes and
+    Rank 0 makes one temporary directory beside `final_dir` (removing those that writers
+    killed mid-save left there) before any rank writes. `write(part)` writes and
     seals this worker's files in its own part of it, so its manifest covers exactly the
     files it wrote (as when each worker writes a local directory for Ray to merge); the
     parts are moved in, and once every rank has done so rank 0 renames the directory into

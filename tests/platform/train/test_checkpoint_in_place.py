@@ -1,7 +1,7 @@
 """`write_in_place`, the collective that writes a checkpoint straight into shared storage,
 over a real process group (gloo; NCCL with CUDA tensors on two GPUs): every rank's sealed
 files land in one directory, published by one rename only after the slowest rank is done,
-and a temporary directory left by a writer killed while saving the same step is cleared
+and the temporary directories left by writers killed mid-save are cleared
 first."""
 from __future__ import annotations
 
