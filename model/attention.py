@@ -137,18 +137,13 @@ class Attention(nn.Module):
         """One token per row (x (B, 1, hidden)) at position `state.offset`; no host sync,
         fixed shapes. One matmul for q|k|v when packed, then RoPE and the cache writes in
         one Triton kernel on a GPU (`rope_cache_update`), PyTorch otherwise."""
+        b = x.shape[0]
         packed = self.qkv.packed()
         if packed is not None:
             qkv = F.linear(x[:, 0], packed)
         else:
             qkv = torch.cat([self.q_proj(x[:, 0]), self.k_proj(x[:, 0]), self.v_proj(x[:, 0])], dim=-1)
-        return self.attend_step(qkv, state)[:, None]
-
-    def attend_step(self, qkv: torch.Tensor, state: KVState) -> torch.Tensor:
-        """The attention of one token per row after its q|k|v projection: qkv (B, (H + 2 KVH) * D)
-        -> (B, H * D) before o_proj; the key and value join the cache."""
-        b = qkv.shape[0]
-        update = rope_cache_update if self.use_kernel and triton is not None and qkv.is_cuda else rope_cache_update_ref
+        update = rope_cache_update if self.use_kernel and triton is not None and x.is_cuda else rope_cache_update_ref
         q = update(qkv, state.rope, state.offset, state.k, state.v, self.n_heads, self.head_dim)  # (B, H, D)
         valid = (state.key_pos <= state.offset)[None]  # (1, max_len): filled positions, this one included
         # GQA without repeating keys: the n_heads / n_kv_heads query heads of a group
@@ -156,7 +151,7 @@ class Attention(nn.Module):
         # against the group's one key/value head.
         q = q.reshape(b, self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim)
         out = F.scaled_dot_product_attention(q, state.k, state.v, attn_mask=valid)
-        return out.reshape(b, self.n_heads * self.head_dim)
+        return out.reshape(b, 1, self.n_heads * self.head_dim)
 
     def _sdpa(self, q, k, v, seq_idx, offset: int) -> torch.Tensor:
         T, S = q.shape[2], k.shape[2]

@@ -14,7 +14,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from . import fused_decode
 from .attention import Attention
 from .config import ATTENTION, ModelConfig
 from .layers import RMSNorm, SwiGLU
@@ -104,7 +103,6 @@ class HybridLM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.gradient_checkpointing = False
-        self.fused_decode = True  # batch-1 decode steps with norms fused into matmuls (`fused_decode`)
         if cfg.ssm_path == "reference":
             for module in self.modules():
                 if isinstance(module, (RMSNorm, Attention)):
@@ -184,8 +182,6 @@ class HybridLM(nn.Module):
         if cache is not None:
             if seq_idx is not None:
                 raise ValueError("seq_idx (packed documents) is for training; decode one document per row")
-            if labels is None and fused_decode.fusable(self, input_ids, cache):
-                return LMOutput(logits=fused_decode.decode_step(self, input_ids, cache), cache=cache)
             cache.check_room(input_ids.shape[1])
         h, residual = self.embed_tokens(input_ids), None  # (B, T, hidden)
         for i, block in enumerate(self.layers):

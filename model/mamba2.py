@@ -180,20 +180,9 @@ class Mamba2Mixer(nn.Module):
     def _step(self, z, xBC, dt, state: MambaState) -> torch.Tensor:
         """Single-token recurrence; z/xBC/dt are (B, 1, .). On the kernel path: causal-conv1d's
         conv update, mamba-ssm's selective_state_update and gated RMSNorm, one launch each."""
-        z = z[:, 0]
-        y = self.ssm_step(xBC[:, 0], dt[:, 0], state)
-        if self.path(z.device) == "kernel":
-            y = gated_rms_norm_fn(y, self.norm.weight, None, z=z, eps=self.norm.eps,
-                                  group_size=self.norm.group_size, norm_before_gate=False)
-        else:
-            y = self.norm(y, z)
-        return self.out_proj(y[:, None])
-
-    def ssm_step(self, xBC: torch.Tensor, dt: torch.Tensor, state: MambaState) -> torch.Tensor:
-        """The conv and SSM update of one token: xBC (B, conv_dim), dt (B, n_heads) ->
-        y (B, d_inner) before the gated norm; `state` advances in place."""
-        b = xBC.shape[0]
-        kernel = self.path(xBC.device) == "kernel"
+        b = z.shape[0]
+        z, xBC, dt = z[:, 0], xBC[:, 0], dt[:, 0]  # (B, d_inner), (B, conv_dim), (B, n_heads)
+        kernel = self.path(z.device) == "kernel"
         if kernel and causal_conv1d_update is not None:
             # The kernel wants input and state in one dtype (autocast hands bf16 to an fp32 cache).
             xBC = causal_conv1d_update(xBC.to(state.conv.dtype), state.conv, self.conv1d.weight.squeeze(1),
@@ -211,10 +200,13 @@ class Mamba2Mixer(nn.Module):
                 state.ssm, xs, dt[..., None].expand(-1, -1, P), state.A[:, None, None].expand(-1, P, N),
                 B, C, D=self.D[:, None].expand(-1, P), dt_bias=self.dt_bias[:, None].expand(-1, P),
                 dt_softplus=True)
+            y = gated_rms_norm_fn(y.reshape(b, self.d_inner), self.norm.weight, None, z=z, eps=self.norm.eps,
+                                  group_size=self.norm.group_size, norm_before_gate=False)
         else:
             dt = F.softplus(dt.float() + self.dt_bias.float())
             y = ssd_step(state.ssm, xs, dt, state.A, B, C, self.D)
-        return y.reshape(b, self.d_inner)
+            y = self.norm(y.reshape(b, self.d_inner), z)
+        return self.out_proj(y[:, None])
 
     def _conv_step_ref(self, x: torch.Tensor, state: MambaState) -> torch.Tensor:
         """x (B, conv_dim) -> conv output (B, conv_dim) before silu; the window slides in place."""
