@@ -44,7 +44,10 @@ def find_tokenizer(checkpoint: Path) -> Path | None:
     for candidate in (checkpoint / "tokenizer.json", checkpoint / "model" / "tokenizer.json"):
         if candidate.is_file():
             return candidate
-    for state in [checkpoint / "train_state.json", *sorted(checkpoint.glob("step_*/train_state.json"))[-1:]]:
+    from mamba_slm.platform.fault.integrity import checkpoints_newest_first
+
+    newest = checkpoints_newest_first(checkpoint)[:1]  # by (step, revision): step_N-r10 after step_N-r2
+    for state in [checkpoint / "train_state.json", *(c / "train_state.json" for c in newest)]:
         if state.is_file():
             data = Path(json.loads(state.read_text())["config"]["data"]["path"]) / "tokenizer.json"
             if data.is_file():

@@ -88,7 +88,8 @@ def run_chaos(job_factory, out: Path, seed: int, steps: int, crashes: int, preem
             log(events[-1])
     finished = bool(result and result.last.get("step") == steps)
     injected = sum(len(fired(d)) for d in markers.glob("*")) + corruptions
-    audit = audit_checkpoint(Path(result.run_dir) / f"step_{steps:08d}") if finished else None
+    # the final checkpoint: step_N, or step_N-r1 ... had step N been checkpointed before a fallback
+    audit = audit_checkpoint(checkpoints_newest_first(result.run_dir)[0]) if finished else None
     return ChaosReport(injected=injected, survived=injected if finished else 0,
                        lost=audit.lost if audit else -1, repeated=audit.repeated if audit else -1,
                        finished=finished, submissions=submissions, events=events)

@@ -17,6 +17,13 @@ never read, and is cleared before the run's next write. With a bucket (s3://,
 gs://) the workers' directories are uploaded by Ray, which registers a checkpoint only
 after the upload finished; the manifests make a torn or damaged upload detectable all
 the same.
+
+Names: `step_00000050`; a step checkpointed again (the run fell back past a damaged
+checkpoint and redid the steps since) gets a fresh name, `step_00000050-r1`, `-r2`, ...
+A published name is never reused: Ray Train registers checkpoints by name and prunes
+them by path (`ray.train.report` asks for a unique `checkpoint_dir_name`), and a
+publish never has to move an existing directory aside. Order is by (step, revision),
+never by the string (`-r10` sorts before `-r2` as text).
 """
 from __future__ import annotations
 
@@ -24,13 +31,21 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 MANIFEST_PREFIX = "integrity_rank"
-CHECKPOINT_GLOB = "step_*"
+CHECKPOINT_PREFIX = "step_"
+CHECKPOINT_GLOB = f"{CHECKPOINT_PREFIX}*"
+CHECKPOINT_NAME = re.compile(rf"{CHECKPOINT_PREFIX}(\d+)(?:-r(\d+))?")
+# Hidden siblings of a checkpoint: `.tmp-<name>-<pid>` is being written (or was, by a
+# writer killed mid-save); `.old-<name>-<pid>` was moved aside by an earlier version of
+# `publish_atomically` that replaced a published checkpoint (a kill there left it).
+LEFTOVER_PREFIXES = (".tmp-", ".old-")
 
 
 class CorruptCheckpointWarning(UserWarning):
@@ -90,11 +105,32 @@ def verify_checkpoint(path: str | Path) -> str:
     return ""
 
 
+def checkpoint_name(step: int, revision: int = 0) -> str:
+    """`step_00000050`, or `step_00000050-r<revision>` for a step checkpointed again."""
+    return f"{CHECKPOINT_PREFIX}{step:08d}" + (f"-r{revision}" if revision else "")
+
+
+def checkpoint_order(name: str) -> tuple[int, int] | None:
+    """(step, revision) of a checkpoint's directory name, None for any other name."""
+    m = CHECKPOINT_NAME.fullmatch(name)
+    return (int(m[1]), int(m[2] or 0)) if m else None
+
+
+def unused_checkpoint_name(step: int, existing: Iterable[str]) -> str:
+    """The name for a new checkpoint of `step`, given the names already in storage:
+    `step_N` the first time, else one revision past the newest of that step (not just
+    any free one: the new checkpoint must sort after every earlier one of its step,
+    even where pruning removed `step_N` and kept `step_N-r1`)."""
+    revisions = [order[1] for order in map(checkpoint_order, existing) if order and order[0] == step]
+    return checkpoint_name(step, max(revisions) + 1 if revisions else 0)
+
+
 def checkpoints_newest_first(run_dir: str | Path) -> list[Path]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    return sorted((p for p in run_dir.glob(CHECKPOINT_GLOB) if p.is_dir()), reverse=True)
+    ckpts = (p for p in run_dir.glob(CHECKPOINT_GLOB) if p.is_dir() and checkpoint_order(p.name))
+    return sorted(ckpts, key=lambda p: checkpoint_order(p.name), reverse=True)
 
 
 def latest_good_checkpoint(run_dir: str | Path, newest: str | Path | None = None) -> Path | None:
@@ -103,7 +139,8 @@ def latest_good_checkpoint(run_dir: str | Path, newest: str | Path | None = None
     candidates = checkpoints_newest_first(run_dir)
     if newest is not None:
         newest = Path(newest)
-        candidates = [newest] + [c for c in candidates if c.name < newest.name]
+        below = checkpoint_order(newest.name)
+        candidates = [newest] + ([c for c in candidates if checkpoint_order(c.name) < below] if below else [])
     for ckpt in candidates:
         reason = verify_checkpoint(ckpt)
         if not reason:
@@ -116,15 +153,13 @@ def latest_good_checkpoint(run_dir: str | Path, newest: str | Path | None = None
 
 def publish_atomically(tmp_dir: str | Path, final_dir: str | Path) -> Path:
     """Move a finished checkpoint from its temporary name to its final one in one rename.
-    A previous checkpoint of the same step (work redone after a failure) is replaced."""
+    `final_dir` must be a new name (`unused_checkpoint_name`): a published checkpoint is
+    never replaced, so the step is never absent between two renames."""
     tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
     if final_dir.exists():
-        old = final_dir.with_name(f".old-{final_dir.name}-{os.getpid()}")
-        os.replace(final_dir, old)
-        os.replace(tmp_dir, final_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp_dir, final_dir)
+        raise FileExistsError(f"{final_dir} is already published; a checkpoint is written under a new "
+                              "name (unused_checkpoint_name), never over another one")
+    os.replace(tmp_dir, final_dir)
     return final_dir
 
 
@@ -135,13 +170,16 @@ def temporary_dir_for(final_dir: str | Path) -> Path:
 
 
 def fresh_temporary_dir(final_dir: str | Path) -> Path:
-    """`temporary_dir_for(final_dir)`, created empty, once the temporary checkpoint
-    directories left in the run's directory by writers killed mid-save are removed (one
-    checkpoint is written at a time, so none of them is being written; a torn save at a
-    step never written again would otherwise stay forever)."""
+    """`temporary_dir_for(final_dir)`, created empty, once the hidden checkpoint
+    directories left in the run's directory by writers killed mid-save (`.tmp-*`, and
+    `.old-*` from a kill inside an older `publish_atomically`) are removed: one
+    checkpoint is written at a time, so none of them is being written, and one left at a
+    step never written again would otherwise stay forever."""
     final_dir = Path(final_dir)
-    for stale in final_dir.parent.glob(f".tmp-{CHECKPOINT_GLOB}-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    for prefix in LEFTOVER_PREFIXES:
+        for stale in final_dir.parent.glob(f"{prefix}{CHECKPOINT_GLOB}-*"):
+            log.warning("removing %s, left by a checkpoint writer that was killed", stale)
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = temporary_dir_for(final_dir)
     tmp.mkdir(parents=True)
     return tmp

@@ -1,8 +1,9 @@
 """Training checkpoints: the one module that writes and reads them.
 
 A checkpoint directory (one per saved step, `step_00000050/` under the run's storage
-path; every worker writes its own files into it, see `write_in_place`, or with a bucket
-Ray Train uploads and merges them):
+path, `step_00000050-r1/` for the same step saved again after a fallback, see
+platform/fault/integrity.py; every worker writes its own files into it, see
+`write_in_place`, or with a bucket Ray Train uploads and merges them):
 
     train_state.json          step, sample position, counters, the full JobSpec config
     rng_rank{r}.pt            python / numpy / torch RNG state of worker r
@@ -33,14 +34,13 @@ import torch
 
 from mamba_slm.model import HybridLM, ModelConfig
 from mamba_slm.model.io import CONFIG_FILE, WEIGHTS_FILE, load_pretrained, save_pretrained
-from mamba_slm.platform.fault.integrity import fresh_temporary_dir, move_files, publish_atomically
+from mamba_slm.platform.fault.integrity import checkpoint_name, fresh_temporary_dir, move_files, publish_atomically
 from mamba_slm.platform.fault.worker import broadcast_from_rank0
 
 from .state import TrainState
 
 log = logging.getLogger(__name__)
 STATE_FILE, DS_TAG = "train_state.json", "ds"
-CHECKPOINT_PREFIX = "step_"
 
 
 class ArchitectureMismatchError(ValueError):
@@ -48,7 +48,8 @@ class ArchitectureMismatchError(ValueError):
 
 
 def checkpoint_dir_name(step: int) -> str:
-    return f"{CHECKPOINT_PREFIX}{step:08d}"
+    """The first checkpoint of `step` (storage.new_checkpoint_name picks the name to write)."""
+    return checkpoint_name(step)
 
 
 def save_checkpoint(engine, state: TrainState, config: dict[str, Any], path: Path, rank: int) -> None:
@@ -176,8 +177,9 @@ def write_in_place(final_dir: Path, rank: int, write: Callable[[Path], None]) ->
     """Collective: a checkpoint written straight into its directory in storage (one every
     worker can reach), published only once complete.
 
-    Rank 0 makes one temporary directory beside `final_dir` (removing those that writers
-    killed mid-save left there) before any rank writes. `write(part)` writes and
+    `final_dir` is a name never published before (storage.new_checkpoint_name). Rank 0
+    makes one temporary directory beside it (removing those that writers killed
+    mid-save left there) before any rank writes. `write(part)` writes and
     seals this worker's files in its own part of it, so its manifest covers exactly the
     files it wrote (as when each worker writes a local directory for Ray to merge); the
     parts are moved in, and once every rank has done so rank 0 renames the directory into

@@ -4,13 +4,13 @@ One optimizer step = `grad_accum` micro-batches of this worker's slice of the gl
 batch (data.py), forward + backward through the DeepSpeed engine, then the ZeRO step.
 After each step: per-step hooks, metrics to wandb/metrics.jsonl/console, and (every
 `checkpoint_every` steps, at the end, or when a hook asks) a checkpoint through
-`ray.train.report`. Where the storage path is a directory, the workers write the
-checkpoint straight into the run's directory there (under a temporary name, renamed when
-complete) and Ray only registers it: no second copy on the node's disk, no copy time in
-a save. With a bucket (s3://, gs://) each worker writes to the node's temp dir and Ray
-uploads it. Metrics alone go to Ray at most every RAY_REPORT_EVERY_S: a report waits
-until Ray Train's controller has taken the previous one, and it polls every 2 s
-(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so a report per step held 1 s steps to 2 s.
+`ray.train.report` (storage.py: where the storage path is a directory, the workers write
+the checkpoint straight into the run's directory there, under a temporary name renamed
+when complete, and Ray only registers it; with a bucket (s3://, gs://) each worker
+writes to the node's temp dir and Ray uploads it). Metrics alone go to Ray at most every
+RAY_REPORT_EVERY_S: a report waits until Ray Train's controller has taken the previous
+one, and it polls every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so a report per step
+held 1 s steps to 2 s.
 
 Bad steps: each micro-batch's loss is averaged over the workers before its backward; if
 it is not finite, or a spike (> spike_factor x the running mean of good losses), the
@@ -28,7 +28,6 @@ import os
 import shutil
 import signal
 import socket
-import tempfile
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -38,16 +37,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mamba_slm.platform.fault.integrity import (CHECKPOINT_GLOB, latest_good_checkpoint, prune_checkpoints,
-                                                verify_checkpoint)
+from mamba_slm.platform.fault.integrity import checkpoint_order, latest_good_checkpoint, verify_checkpoint
 from mamba_slm.platform.fault.worker import WorkerFaultTolerance
 
-from .checkpoint import (check_architecture, checkpoint_dir_name, load_checkpoint, read_train_state,
-                         save_checkpoint, save_final_model, write_in_place)
+from .checkpoint import check_architecture, load_checkpoint, read_train_state, save_checkpoint, save_final_model
 from .data import Batch, PackedSampleReader, StepBatches
 from .metrics import MetricsLogger, memory_gb, peak_flops_per_device, plot_loss_curve
 from .schedule import lr_at
 from .state import JobSpec, TrainState
+from .storage import mark_unregistered, save_and_report
 
 
 RAY_REPORT_EVERY_S = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)) + 0.5
@@ -206,8 +204,8 @@ def find_resume_checkpoint(job: JobSpec, config: dict[str, Any], stack: ExitStac
         # in between) is complete too (its manifests say so): never throw it away. The
         # same name is the same checkpoint, already verified (checksums read every file).
         on_disk = latest_good_checkpoint(config["run_dir"])
-        if on_disk is not None and (found is None or on_disk.name >= found.name):
-            if found is None or on_disk.name > found.name:  # Ray never registered it
+        if on_disk is not None and (found is None or newer_or_same(on_disk, found)):
+            if found is None or on_disk.name != found.name:  # Ray never registered it
                 mark_unregistered(on_disk)
             found = on_disk
         elif found is not None and verify_checkpoint(found):  # torn or corrupt: the previous good one
@@ -225,6 +223,11 @@ def find_resume_checkpoint(job: JobSpec, config: dict[str, Any], stack: ExitStac
         if found is None:
             raise FileNotFoundError(f"--resume-from {job.run.resume_from}: no intact checkpoint there")
     return found
+
+
+def newer_or_same(a: Path, b: Path) -> bool:
+    """By (step, revision) of the names: step_00000006-r10 is newer than step_00000006-r2."""
+    return (checkpoint_order(a.name) or (-1, -1)) >= (checkpoint_order(b.name) or (-1, -1))
 
 
 def train_step(engine, micro_batches: list[Batch], state: TrainState, cfg) -> StepResult:
@@ -305,7 +308,7 @@ def report(engine, job: JobSpec, config: dict[str, Any], state: TrainState, metr
     """-> whether this step reported to Ray. Every worker decides alike (Ray requires the
     same number of calls): at checkpoint steps, at the end, and when `report_due` (agreed
     by all workers). A checkpoint is sealed (ledger + checksums, platform/fault) before it
-    is published (module docstring: where it is written)."""
+    is published (storage.save_and_report: where and under which name)."""
     import ray.train
 
     cfg = job.training
@@ -320,8 +323,6 @@ def report(engine, job: JobSpec, config: dict[str, Any], state: TrainState, metr
             ray.train.report(metrics)
         return end or report_due
     state.checkpoint_requested = False
-    name = checkpoint_dir_name(state.step)
-    t0 = time.perf_counter()
 
     def write(path: Path) -> None:  # collective: this worker's files, sealed
         save_checkpoint(engine, state, job.to_dict(), path, rank)
@@ -329,75 +330,9 @@ def report(engine, job: JobSpec, config: dict[str, Any], state: TrainState, metr
             write_final_outputs(engine, job, state, path, rank, logger)
         ft.seal(path, state)
 
-    destination = checkpoint_destination(config, name)
-    if destination is None:  # a bucket: Ray uploads each worker's directory and merges them
-        path = Path(tempfile.mkdtemp(prefix=f"{name}-"))
-        write(path)
-        checkpoint = ray.train.Checkpoint.from_directory(str(path))
-        upload = ray.train.CheckpointUploadMode.SYNC
-    else:
-        final_dir, filesystem = destination
-        write_in_place(final_dir, rank, write)
-        if rank == 0:  # a step written again (after a fallback past a damaged one): Ray registers it now
-            (final_dir.parent / f"{UNREGISTERED}{name}").unlink(missing_ok=True)
-        if config["local_mode"]:  # else Ray's CheckpointConfig(num_to_keep) prunes, on registering
-            prune_checkpoints(final_dir.parent, job.run.keep_checkpoints)
-        # The same checkpoint from every worker (Ray refuses reports of different paths)
-        checkpoint = ray.train.Checkpoint(str(final_dir), filesystem=filesystem)
-        upload = ray.train.CheckpointUploadMode.NO_UPLOAD
-    if destination is not None:
-        ft.checkpoint_written(state.step, time.perf_counter() - t0)
-    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name, checkpoint_upload_mode=upload)
-    if destination is None:
-        ft.checkpoint_written(state.step, time.perf_counter() - t0)  # the upload included
-        shutil.rmtree(path, ignore_errors=True)
-    elif rank == 0 and not config["local_mode"]:
-        prune_unregistered(destination[0].parent, job.run.keep_checkpoints)
+    save_and_report(config, state.step, rank, job.run.keep_checkpoints, metrics, write,
+                    written=lambda seconds: ft.checkpoint_written(state.step, seconds))
     return True
-
-
-UNREGISTERED = ".unregistered-"  # + a checkpoint's name: a marker file in the run's directory
-
-
-def mark_unregistered(checkpoint: Path) -> None:
-    """Record (on disk, so that later restarts know) that Ray never registered this sealed
-    checkpoint (a worker died between its write and Ray's registration): Ray prunes only
-    what it registered, so `prune_unregistered` will."""
-    (checkpoint.parent / f"{UNREGISTERED}{checkpoint.name}").touch()
-
-
-def prune_unregistered(run_dir: Path, keep: int) -> None:
-    """Delete the checkpoints marked unregistered once `keep` newer ones are published."""
-    names = sorted(p.name for p in run_dir.glob(CHECKPOINT_GLOB))
-    for marker in run_dir.glob(f"{UNREGISTERED}*"):
-        name = marker.name[len(UNREGISTERED):]
-        if sum(n > name for n in names) >= keep:
-            shutil.rmtree(run_dir / name, ignore_errors=True)
-            marker.unlink(missing_ok=True)
-
-
-def checkpoint_destination(config: dict[str, Any], name: str) -> tuple[Path, Any] | None:
-    """(directory, pyarrow filesystem) of checkpoint `name` when the workers can write it
-    there themselves: in local mode the run directory; else the run's directory in storage
-    if that is a filesystem path (on a multi-node cluster Ray Train requires it to be
-    shared storage such as NFS). None for a bucket (s3://, gs://, ...)."""
-    import pyarrow.fs
-    import ray.train
-
-    if config["local_mode"]:
-        return Path(config["run_dir"]) / name, pyarrow.fs.LocalFileSystem()
-    storage = ray.train.get_context().get_storage()
-    if not isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
-        return None
-    if not config.get("storage_checked") and hasattr(storage, "_check_validation_file"):
-        # What Ray's upload checks on every worker (NO_UPLOAD skips it): the marker file
-        # Ray's controller wrote in the run's storage directory is seen here, i.e. the
-        # directory is shared storage and not one node's local disk; else Ray's error.
-        storage._check_validation_file()
-        config["storage_checked"] = True
-    # Ray registers a NO_UPLOAD checkpoint only on its storage filesystem under its run
-    # directory, and names it by that path spelled as Ray spells it.
-    return Path(storage.build_checkpoint_path_from_name(name)), storage.storage_filesystem
 
 
 def write_final_outputs(engine, job: JobSpec, state: TrainState, ckpt_path: Path, rank: int,

@@ -1,8 +1,8 @@
 """`write_in_place`, the collective that writes a checkpoint straight into shared storage,
 over a real process group (gloo; NCCL with CUDA tensors on two GPUs): every rank's sealed
 files land in one directory, published by one rename only after the slowest rank is done,
-and the temporary directories left by writers killed mid-save are cleared
-first."""
+under a name never published before (rank 0 picks it), and the hidden directories left by
+writers killed mid-save are cleared first."""
 from __future__ import annotations
 
 import json
@@ -17,9 +17,12 @@ from mamba_slm.platform.fault.integrity import seal_checkpoint, verify_checkpoin
 from mamba_slm.platform.train.checkpoint import write_in_place
 
 STEP = 4
+TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (NCCL)")
 
 
-def _write_in_place(rank: int, world: int, final_dir: str) -> str:
+def _write_in_place(rank: int, world: int, run_dir: str) -> tuple[str, str]:
+    from mamba_slm.platform.train.storage import new_checkpoint_name
+
     def write(part: Path) -> None:
         (part / "ds").mkdir(parents=True)
         (part / "ds" / f"shard_rank{rank}.pt").write_bytes(os.urandom(2000))
@@ -28,24 +31,32 @@ def _write_in_place(rank: int, world: int, final_dir: str) -> str:
             time.sleep(1.5)  # the slow writer: nothing may be published before it has sealed
         seal_checkpoint(part, rank, world, STEP)
 
-    write_in_place(Path(final_dir), rank, write)
-    return verify_checkpoint(final_dir)  # what this rank sees once write_in_place returns
+    # rank 0 lists the run's directory (here as in local mode) and picks the name
+    name = new_checkpoint_name({"local_mode": True, "run_dir": run_dir}, STEP, rank)
+    final = write_in_place(Path(run_dir) / name, rank, write)
+    return final.name, verify_checkpoint(final)  # what this rank sees once write_in_place returns
 
 
-def _run(spawn_ranks, run_dir: Path, backend: str) -> None:
-    final = run_dir / f"step_{STEP:08d}"
-    stale = run_dir / f".tmp-{final.name}-999999" / ".rank1" / "ds"  # rank 1 killed mid-save
+def _write_layout(run_dir: Path) -> None:
+    first = run_dir / f"step_{STEP:08d}"
+    stale = run_dir / f".tmp-{first.name}-999999" / ".rank1" / "ds"  # rank 1 killed mid-save
     stale.mkdir(parents=True)
     (stale / "shard_rank1.pt").write_bytes(b"torn")
-    (final / "ds").mkdir(parents=True)  # an older write of the same step: replaced
-    (final / "ds" / "old.pt").write_bytes(b"old")
+    (run_dir / f".old-step_{STEP - 2:08d}-888" / "ds").mkdir(parents=True)  # killed inside an older publish
+    (first / "ds").mkdir(parents=True)  # this step's checkpoint, damaged (the run fell back past it)
+    (first / "ds" / "old.pt").write_bytes(b"old")
     previous = run_dir / f"step_{STEP - 2:08d}"
     previous.mkdir()
     (previous / "keep.pt").write_bytes(b"previous")
 
-    assert spawn_ranks(_write_in_place, 2, str(final), backend=backend) == {0: "", 1: ""}
-    assert sorted(p.name for p in run_dir.iterdir()) == [previous.name, final.name], "leftovers"
+
+def _assert_written(run_dir: Path, got: dict[int, tuple[str, str]]) -> None:
+    first, previous = run_dir / f"step_{STEP:08d}", run_dir / f"step_{STEP - 2:08d}"
+    final = run_dir / f"{first.name}-r1"
+    assert got == {0: (final.name, ""), 1: (final.name, "")}
+    assert sorted(p.name for p in run_dir.iterdir()) == [previous.name, first.name, final.name], "leftovers"
     assert (previous / "keep.pt").read_bytes() == b"previous"
+    assert (first / "ds" / "old.pt").read_bytes() == b"old", "the damaged checkpoint is kept for inspection"
     files = sorted(p.relative_to(final).as_posix() for p in final.rglob("*") if p.is_file())
     assert files == ["ds/shard_rank0.pt", "ds/shard_rank1.pt", "integrity_rank0.json",
                      "integrity_rank1.json", "rng_rank0.pt", "rng_rank1.pt"]
@@ -54,11 +65,20 @@ def _run(spawn_ranks, run_dir: Path, backend: str) -> None:
         assert sorted(manifest["files"]) == [f"ds/shard_rank{rank}.pt", f"rng_rank{rank}.pt"]
 
 
+def _run(spawn_ranks, run_dir: Path, backend: str) -> None:
+    _write_layout(run_dir)
+    got = spawn_ranks(_write_in_place, 2, str(run_dir), backend=backend)
+    _assert_written(run_dir, got)
+
+
 def test_two_ranks_write_one_checkpoint_in_place_over_gloo(spawn_ranks, tmp_path):
+    """Two ranks write step 4 in place, the slow one last; as step_00000004 holds a
+    damaged earlier write, rank 0 names it step_00000004-r1 for both, and the damaged one
+    stays; torn `.tmp-*` and `.old-*` dirs are cleared."""
     _run(spawn_ranks, tmp_path, "gloo")
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (NCCL)")
+@TWO_GPUS
 def test_two_ranks_write_one_checkpoint_in_place_over_nccl(spawn_ranks, tmp_path):
     _run(spawn_ranks, tmp_path, "nccl")
 
@@ -67,24 +87,29 @@ def test_a_resumed_checkpoint_ray_never_registered_is_pruned_once_enough_newer_o
     """Ray prunes only what it registered; a checkpoint sealed in storage whose worker died
     before Ray registered it (the run resumed from it) is marked on disk, so that a later
     worker group still knows, and rank 0 prunes it once `keep` newer ones exist."""
-    from mamba_slm.platform.train.loop import mark_unregistered, prune_unregistered
+    from mamba_slm.platform.train.storage import mark_unregistered, prune_unregistered
 
-    for step in (4, 6):
-        (tmp_path / f"step_{step:08d}").mkdir()
+    for name in ("step_00000004", "step_00000006-r2"):
+        (tmp_path / name).mkdir()
     mark_unregistered(tmp_path / "step_00000004")
     prune_unregistered(tmp_path, keep=2)
     assert (tmp_path / "step_00000004").is_dir(), "pruned with only one newer checkpoint"
-    (tmp_path / "step_00000008").mkdir()
+    (tmp_path / "step_00000006-r10").mkdir()  # newer than -r2 (not as text)
+    mark_unregistered(tmp_path / "step_00000006-r2")
     prune_unregistered(tmp_path, keep=2)  # e.g. by a later worker group, after a restart
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000006", "step_00000008"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".unregistered-step_00000006-r2", "step_00000006-r10",
+                                                         "step_00000006-r2"]
+    (tmp_path / "step_00000008").mkdir()
+    prune_unregistered(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000006-r10", "step_00000008"]
     prune_unregistered(tmp_path, keep=1)  # registered ones are Ray's: untouched
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000006", "step_00000008"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000006-r10", "step_00000008"]
 
 
 def test_torn_temporary_dirs_of_any_step_are_cleared_before_a_write(tmp_path):
     from mamba_slm.platform.fault.integrity import fresh_temporary_dir
 
-    for torn in (".tmp-step_00000003-111", ".tmp-step_00000004-222"):
+    for torn in (".tmp-step_00000003-111", ".tmp-step_00000004-r1-222", ".old-step_00000002-333"):
         (tmp_path / torn / ".rank0").mkdir(parents=True)
     tmp = fresh_temporary_dir(tmp_path / "step_00000006")
     assert [p.name for p in tmp_path.iterdir()] == [tmp.name] and not any(tmp.iterdir())
