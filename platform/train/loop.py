@@ -7,10 +7,11 @@ After each step: per-step hooks, metrics to wandb/metrics.jsonl/console, and (ev
 `ray.train.report` (storage.py: where the storage path is a directory, the workers write
 the checkpoint straight into the run's directory there, under a temporary name renamed
 when complete, and Ray only registers it; with a bucket (s3://, gs://) each worker
-writes to the node's temp dir and Ray uploads it). Metrics alone go to Ray at most every
-RAY_REPORT_EVERY_S: a report waits until Ray Train's controller has taken the previous
-one, and it polls every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so a report per step
-held 1 s steps to 2 s.
+writes to the node's temp dir and Ray uploads it). The checkpoint to resume from is
+chosen once, by rank 0, for every worker (storage.py). Metrics alone go to Ray at most
+every RAY_REPORT_EVERY_S: a report waits until Ray Train's controller has taken the
+previous one, and it polls every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so a report
+per step held 1 s steps to 2 s.
 
 Bad steps: each micro-batch's loss is averaged over the workers before its backward; if
 it is not finite, or a spike (> spike_factor x the running mean of good losses), the
@@ -37,7 +38,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mamba_slm.platform.fault.integrity import checkpoint_order, latest_good_checkpoint, verify_checkpoint
 from mamba_slm.platform.fault.worker import WorkerFaultTolerance
 
 from .checkpoint import check_architecture, load_checkpoint, read_train_state, save_checkpoint, save_final_model
@@ -45,7 +45,7 @@ from .data import Batch, PackedSampleReader, StepBatches
 from .metrics import MetricsLogger, memory_gb, peak_flops_per_device, plot_loss_curve
 from .schedule import lr_at
 from .state import JobSpec, TrainState
-from .storage import mark_unregistered, save_and_report
+from .storage import find_resume_checkpoint, save_and_report
 
 
 RAY_REPORT_EVERY_S = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)) + 0.5
@@ -82,7 +82,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     tcfg = job.training
     reader = PackedSampleReader(job.data.path, job.data.split, tcfg.seed, job.data.shuffle_window_blocks)
     with ExitStack() as stack:
-        resume_dir = find_resume_checkpoint(job, config, stack)
+        resume_dir = find_resume_checkpoint(config, stack, job.run.resume_from)  # rank 0 decides for all
         if resume_dir is not None:
             check_architecture(read_train_state(resume_dir)[1]["model"], job.model, str(resume_dir))
         from .engine import build_engine, resolve_precision
@@ -187,47 +187,6 @@ def forget_deepspeed_groups() -> None:
     for name, value in list(vars(groups).items()):
         if name.startswith("_") and name.isupper() and ("GROUP" in name):
             setattr(groups, name, {} if isinstance(value, dict) else None)
-
-
-def find_resume_checkpoint(job: JobSpec, config: dict[str, Any], stack: ExitStack) -> Path | None:
-    """The checkpoint to start from: the newest intact one of this run (Ray Train's latest,
-    or a newer sealed one in its storage directory), else `--resume-from`. A torn or
-    corrupt one is skipped with a warning (platform/fault/integrity.py)."""
-    import ray.train
-
-    if config["local_mode"]:
-        found = latest_good_checkpoint(config["run_dir"])
-    else:
-        ckpt = ray.train.get_checkpoint()
-        found = Path(stack.enter_context(ckpt.as_directory())) if ckpt is not None else None
-        # A checkpoint sealed in storage after the last one Ray registered (the driver died
-        # in between) is complete too (its manifests say so): never throw it away. The
-        # same name is the same checkpoint, already verified (checksums read every file).
-        on_disk = latest_good_checkpoint(config["run_dir"])
-        if on_disk is not None and (found is None or newer_or_same(on_disk, found)):
-            if found is None or on_disk.name != found.name:  # Ray never registered it
-                mark_unregistered(on_disk)
-            found = on_disk
-        elif found is not None and verify_checkpoint(found):  # torn or corrupt: the previous good one
-            newest = found
-            found = latest_good_checkpoint(config["run_dir"], newest=newest)
-            if found is None:
-                raise RuntimeError(f"checkpoint {newest} is damaged and no older intact one is in "
-                                   f"{config['run_dir']}; resume from a copy with --resume-from")
-    if found is None and job.run.resume_from:
-        found = Path(job.run.resume_from)
-        if (found / "train_state.json").is_file():
-            found = latest_good_checkpoint(found.parent, newest=found)
-        else:
-            found = latest_good_checkpoint(found)
-        if found is None:
-            raise FileNotFoundError(f"--resume-from {job.run.resume_from}: no intact checkpoint there")
-    return found
-
-
-def newer_or_same(a: Path, b: Path) -> bool:
-    """By (step, revision) of the names: step_00000006-r10 is newer than step_00000006-r2."""
-    return (checkpoint_order(a.name) or (-1, -1)) >= (checkpoint_order(b.name) or (-1, -1))
 
 
 def train_step(engine, micro_batches: list[Batch], state: TrainState, cfg) -> StepResult:

@@ -1,6 +1,17 @@
 """A run's checkpoints in its storage (a directory every worker reaches, or a bucket):
-the name and place of the next one, and the pruning Ray Train does not do. The training
-loop calls `save_and_report` at every checkpoint.
+which one the workers resume from, the name and place of the next one, and the pruning
+Ray Train does not do. The training loops (pretraining, platform/post/finetune.py)
+call `find_resume_checkpoint` once and `save_and_report` at every checkpoint.
+
+Resume is decided once, by rank 0, for every worker: rank 0 alone scans storage, checks
+the candidates' checksums (platform/fault/integrity.py), marks the checkpoints Ray does
+not hold for pruning, and broadcasts the chosen checkpoint's *name*; each worker then opens that
+name under its own view of storage. Scans of their own could disagree: an NFS client
+caches directory listings (up to `acdirmax`, 60 s by default, nfs(5)), so a node can miss
+a checkpoint that rank 0 renamed into place just before the group died, while a lookup
+by name asks the server. With a bucket, each node opens Ray's checkpoint as its own
+download. A worker that cannot open the chosen name stops every worker with a message
+(no worker waits in a collective for it).
 
 Names are never reused (`integrity.unused_checkpoint_name`): a step checkpointed again
 after a fallback past a damaged checkpoint is written as `step_N-r1`, and the damaged
@@ -12,17 +23,166 @@ import logging
 import shutil
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
+
+import torch.distributed as dist
 
 from mamba_slm.platform.fault.integrity import (checkpoint_name, checkpoint_order, checkpoints_newest_first,
-                                                prune_checkpoints, unused_checkpoint_name)
-from mamba_slm.platform.fault.worker import broadcast_from_rank0
+                                                latest_good_checkpoint, prune_checkpoints,
+                                                unused_checkpoint_name, verify_checkpoint)
+from mamba_slm.platform.fault.worker import all_reduce_max, broadcast_from_rank0
 
-from .checkpoint import write_in_place
+from .checkpoint import STATE_FILE, write_in_place
 
 log = logging.getLogger(__name__)
 UNREGISTERED = ".unregistered-"  # + a checkpoint's name: a marker file in the run's directory
+REGISTERED_TIMEOUT_S = 120.0  # a new worker group has no report in flight: Ray answers at once
+
+
+class ResumeChoice(NamedTuple):
+    """Rank 0's decision, broadcast to every worker. `source`: "run" (the run's storage
+    directory), "ray" (Ray Train's registered checkpoint, opened per node: a bucket) or
+    "resume_from" (`directory`, from --resume-from). `error`: why rank 0 found none."""
+    name: str | None = None
+    source: str = "run"
+    directory: str = ""
+    error: str = ""
+
+
+class RayCheckpoint:
+    """Ray Train's latest registered checkpoint of this run. `local_dir()` opens it on
+    this node: the storage directory itself, or with a bucket a download that Ray makes
+    once per node and removes when `stack` closes."""
+
+    def __init__(self, checkpoint, stack: ExitStack):
+        self.checkpoint, self.stack, self._dir = checkpoint, stack, None
+        self.name = Path(checkpoint.path).name
+
+    @classmethod
+    def latest(cls, stack: ExitStack) -> "RayCheckpoint | None":
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        return cls(ckpt, stack) if ckpt is not None else None
+
+    @staticmethod
+    def registered_names() -> set[str]:
+        """Names of the checkpoints Ray Train holds for this run (registered, not pruned)."""
+        import ray.train
+
+        held = ray.train.get_all_reported_checkpoints(
+            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=REGISTERED_TIMEOUT_S)
+        return {Path(reported.checkpoint.path).name for reported in held}
+
+    def local_dir(self) -> Path:
+        if self._dir is None:
+            self._dir = Path(self.stack.enter_context(self.checkpoint.as_directory()))
+        return self._dir
+
+
+def find_resume_checkpoint(config: dict[str, Any], stack: ExitStack, resume_from: str = "") -> Path | None:
+    """Collective (after the process group exists): the checkpoint every worker starts
+    from, as this worker sees it: the newest intact one of this run (Ray Train's latest,
+    or a newer sealed one in its storage directory), else `resume_from`; None to start
+    from scratch. A torn or corrupt one is skipped with a warning. `config` holds
+    `local_mode` and `run_dir` (the run's directory in storage)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    run_dir = Path(config["run_dir"])
+    latest = None if config["local_mode"] else RayCheckpoint.latest(stack)
+    choice, failure = None, None
+    if rank == 0:
+        try:
+            registered = None if config["local_mode"] else RayCheckpoint.registered_names()
+            choice = choose_resume_checkpoint(run_dir, latest, resume_from, registered)
+        except Exception as err:  # the others must not wait for a choice that never comes
+            choice, failure = ResumeChoice(error=f"{type(err).__name__}: {err}"), err
+    choice = broadcast_from_rank0(choice)
+    if failure is not None:
+        raise failure
+    if choice.error:
+        raise RuntimeError(f"rank 0 could not choose a checkpoint to resume from: {choice.error}")
+    return open_resume_checkpoint(choice, run_dir, latest, rank)
+
+
+def _order(name: str) -> tuple[int, int]:
+    return checkpoint_order(name) or (-1, -1)
+
+
+def choose_resume_checkpoint(run_dir: Path, latest: RayCheckpoint | None, resume_from: str,
+                             registered: set[str] | None) -> ResumeChoice:
+    """Rank 0's decision (reads storage, checks checksums). `registered`: the names Ray
+    Train holds (None in local mode, where Ray keeps no record and the loop prunes):
+    every other checkpoint in the run's directory is marked unregistered, good or damaged
+    (a worker or the driver died between its publish and Ray's registration), so that
+    `prune_unregistered` removes it by the keep-K rule; Ray prunes only what it holds."""
+    listed = [ckpt.name for ckpt in checkpoints_newest_first(run_dir)]
+    if registered is not None:
+        for name in listed:
+            if name not in registered:
+                mark_unregistered(run_dir / name)
+    on_disk = latest_good_checkpoint(run_dir)  # the newest intact one; damaged newer ones warned about
+    if latest is None or (on_disk is not None and _order(on_disk.name) >= _order(latest.name)):
+        # on disk: sealed after the last checkpoint Ray registered, or that one itself
+        return ResumeChoice(on_disk.name, "run") if on_disk is not None else _choose_resume_from(resume_from)
+    # Ray's latest is newer than every intact checkpoint listed here. Listed: checked
+    # above, so torn or corrupt. Not listed: a bucket's download to this node (or a
+    # listing that lags), checked now.
+    reason = "torn or corrupt" if latest.name in listed else verify_checkpoint(latest.local_dir())
+    if not reason:
+        return ResumeChoice(latest.name, "run" if (run_dir / latest.name).is_dir() else "ray")
+    if on_disk is None:
+        raise RuntimeError(f"Ray Train's latest checkpoint {latest.name} is not usable ({reason}) and no older "
+                           f"intact one is in {run_dir}; resume from a copy with --resume-from")
+    log.warning("Ray Train's latest checkpoint %s is not usable (%s); resuming from %s", latest.name, reason,
+                on_disk.name)
+    return ResumeChoice(on_disk.name, "run")
+
+
+def _choose_resume_from(resume_from: str) -> ResumeChoice:
+    """--resume-from: a checkpoint (an older one beside it if it is damaged) or a run directory."""
+    if not resume_from:
+        return ResumeChoice(None)
+    given = Path(resume_from)
+    if (given / STATE_FILE).is_file():
+        found = latest_good_checkpoint(given.parent, newest=given)
+    else:
+        found = latest_good_checkpoint(given)
+    if found is None:
+        raise FileNotFoundError(f"--resume-from {resume_from}: no intact checkpoint there")
+    return ResumeChoice(found.name, "resume_from", str(found.parent))
+
+
+def open_resume_checkpoint(choice: ResumeChoice, run_dir: Path, latest: RayCheckpoint | None,
+                           rank: int) -> Path | None:
+    """Collective: rank 0's choice opened under this worker's view of storage. If any
+    worker cannot open it, every worker raises (one all-reduce: none is left waiting)."""
+    if choice.name is None:  # the same on every rank: all skip the collective
+        return None
+    path, problem = None, ""
+    if choice.source == "ray":
+        if latest is not None and latest.name == choice.name:
+            path = latest.local_dir()
+        else:
+            problem = (f"rank {rank}: Ray Train gave this worker checkpoint {latest and latest.name}, "
+                       f"not {choice.name}, which rank 0 chose to resume from")
+    else:
+        base = run_dir if choice.source == "run" else Path(choice.directory)
+        path = base / choice.name
+        if not (path / STATE_FILE).is_file():
+            what = ("the run's storage directory" if choice.source == "run" else "--resume-from's directory")
+            problem = (f"rank {rank} cannot see {path / STATE_FILE}, the checkpoint rank 0 chose to resume from: "
+                       f"{what} {base} on this node does not hold it. Likely cause: the storage is not "
+                       "shared between nodes (a directory on each node's own disk); it must be one "
+                       "directory every node mounts at the same path (e.g. NFS), or a bucket (s3://, gs://)")
+    failed = all_reduce_max([rank + 1.0 if problem else 0.0])[0]
+    if problem:
+        raise FileNotFoundError(problem)
+    if failed:
+        raise RuntimeError(f"rank {int(failed) - 1} cannot open checkpoint {choice.name}, which rank 0 chose "
+                           "to resume from (that rank's error says why); every worker stops")
+    return path
 
 
 def mark_unregistered(checkpoint: Path) -> None:

@@ -1,12 +1,13 @@
 """Fault-injection tests 1 and 3 of issue 5 on a real Ray cluster (two CPU workers,
 tiny preset, DeepSpeed ZeRO-2), against one uninterrupted run with the same seed:
 
-1. SIGKILL a worker process at three random steps: Ray Train restarts the worker group
-   from the latest checkpoint each time; the final weights are bit-identical to the
-   uninterrupted run (same data order by global sample index, same RNG, same reduction
-   order on the same number of workers), and the ledger holds every sample once. The
-   storage is a directory, so the workers write every checkpoint straight into it
-   (nothing through the node's temp dir), past a torn one left there.
+1. SIGKILL a worker process at two random steps and at step 7, right after damaging the
+   newest checkpoint: Ray Train restarts the worker group from the latest intact
+   checkpoint each time; the final weights are bit-identical to the uninterrupted run
+   (same data order by global sample index, same RNG, same reduction order on the same
+   number of workers), and the ledger holds every sample once. The storage is a
+   directory, so the workers write every checkpoint straight into it (nothing through
+   the node's temp dir), past a torn one left there.
 3. SIGTERM a worker: every worker finishes the step, a checkpoint is published within
    the grace period, the run ends cleanly; resubmitted, it continues from there and
    again ends bit-identical.
@@ -30,8 +31,9 @@ import ray.cloudpickle
 import torch
 from safetensors.torch import load_file
 
+from mamba_slm.platform.fault.chaos import corrupt_newest
 from mamba_slm.platform.fault.inject import SignalAtSteps, fired
-from mamba_slm.platform.fault.integrity import verify_checkpoint
+from mamba_slm.platform.fault.integrity import checkpoint_order, checkpoints_newest_first, verify_checkpoint
 from mamba_slm.platform.fault.ledger import audit_checkpoint
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -82,33 +84,54 @@ class RecordTempDirs:
         tempfile.mkdtemp = mkdtemp
 
 
-# The hook travels to the workers pickled; they cannot import this test module.
+class CorruptNewestAtStep:
+    """Hook: worker `rank` damages the newest checkpoint in `run_dir` after `step`, once
+    across restarts (`marker` records it)."""
+
+    def __init__(self, step: int, run_dir: Path, marker: Path, rank: int):
+        self.step, self.run_dir, self.marker, self.rank = step, str(run_dir), str(marker), rank
+
+    def on_step_end(self, state, rank: int) -> None:
+        if rank != self.rank or state.step != self.step or Path(self.marker).exists():
+            return
+        Path(self.marker).write_text(corrupt_newest(Path(self.run_dir), random.Random(0)))
+
+
+# The hooks travel to the workers pickled; they cannot import this test module.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-def test_sigkill_at_three_random_steps(baseline, synthetic_data, tmp_path, fault_run):
+def test_sigkill_at_three_steps_one_after_damaging_the_newest_checkpoint(baseline, synthetic_data, tmp_path,
+                                                                         fault_run):
     """Also: no worker makes a temp dir for a checkpoint; a torn temporary directory of
     step 4 (a writer killed mid-save) is never resumed from and is cleared when step 4 is
-    written; Ray Train's keep_checkpoints prunes the published ones."""
+    written; Ray Train's keep_checkpoints prunes the published ones. Step 6 is damaged
+    before the kill at step 7: the restart falls back to step 4, step 6 is written again
+    as step_00000006-r1 (a name of its own: Ray had registered step_00000006, and pruning
+    that record deleted the rewritten, live directory), and Ray's pruning later removes
+    the damaged one."""
     seed = int(os.environ.get("FAULT_SEED", random.randrange(10**6)))
-    kill_steps = sorted(random.Random(seed).sample(range(1, STEPS + 1), 3))
-    print(f"FAULT_SEED={seed}: SIGKILL rank 1 after steps {kill_steps}")
+    kill_steps = sorted(random.Random(seed).sample(range(1, STEPS - 1), 2)) + [STEPS - 1]
+    print(f"FAULT_SEED={seed}: SIGKILL rank 1 after steps {kill_steps}, step 6 damaged before the last")
     run_dir, log, markers = tmp_path / "storage" / "killed", tmp_path / "tempdirs.log", tmp_path / "kills"
     torn = run_dir / ".tmp-step_00000004-999999"
     (torn / ".rank1" / "ds").mkdir(parents=True)
     (torn / ".rank1" / "ds" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"torn")
+    damaged = tmp_path / "damaged"
     result = fault_run(synthetic_data, tmp_path, "killed", max_failures=3, keep_checkpoints=2,
-                       hooks=[RecordTempDirs(log), SignalAtSteps(kill_steps, markers, rank=1, sig=signal.SIGKILL)])
+                       hooks=[RecordTempDirs(log), CorruptNewestAtStep(STEPS - 1, run_dir, damaged, rank=1),
+                              SignalAtSteps(kill_steps, markers, rank=1, sig=signal.SIGKILL)])
     assert fired(markers) == [f"SIGKILL-step{s}" for s in kill_steps], "not every kill fired"
+    assert damaged.read_text().startswith("corrupted step_00000006/")
     assert result.last["step"] == STEPS
     assert not log.exists(), f"checkpoints went through temp dirs:\n{log.read_text()}"
-    assert sorted(p.name for p in run_dir.iterdir() if p.is_dir()) == ["step_00000006", "step_00000008"]
+    assert sorted(p.name for p in run_dir.iterdir() if p.is_dir()) == ["step_00000006-r1", "step_00000008"]
     final = run_dir / f"step_{STEPS:08d}"
     assert result.checkpoint == str(final)
     for name in ("rng_rank0.pt", "rng_rank1.pt", "integrity_rank0.json", "integrity_rank1.json",
                  "model/model.safetensors"):
         assert (final / name).is_file(), name
-    assert verify_checkpoint(run_dir / "step_00000006") == ""
+    assert verify_checkpoint(run_dir / "step_00000006-r1") == ""
     _assert_same_weights(baseline, tmp_path / "killed" / "model")
     _assert_ledger_exact(run_dir)
 
@@ -151,8 +174,8 @@ def test_killed_driver_resubmitted_resumes_from_latest_checkpoint(baseline, synt
     time.sleep(1.0)  # mid-run: the next steps are under way
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    killed_at = max(p.name for p in (tmp_path / "storage" / "driver").glob("step_*"))
-    assert killed_at < f"step_{STEPS:08d}", "the driver was killed too late to test anything"
+    killed_at = checkpoints_newest_first(tmp_path / "storage" / "driver")[0].name
+    assert checkpoint_order(killed_at)[0] < STEPS, "the driver was killed too late to test anything"
     again = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     records = [json.loads(x) for x in (tmp_path / "driver" / "metrics.jsonl").read_text().splitlines()]

@@ -2,13 +2,15 @@
 over a real process group (gloo; NCCL with CUDA tensors on two GPUs): every rank's sealed
 files land in one directory, published by one rename only after the slowest rank is done,
 under a name never published before (rank 0 picks it), and the hidden directories left by
-writers killed mid-save are cleared first."""
+writers killed mid-save are cleared first. Then the resume decision, made by rank 0 alone
+and opened by name under each rank's own view of storage."""
 from __future__ import annotations
 
 import json
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -65,21 +67,101 @@ def _assert_written(run_dir: Path, got: dict[int, tuple[str, str]]) -> None:
         assert sorted(manifest["files"]) == [f"ds/shard_rank{rank}.pt", f"rng_rank{rank}.pt"]
 
 
-def _run(spawn_ranks, run_dir: Path, backend: str) -> None:
-    _write_layout(run_dir)
-    got = spawn_ranks(_write_in_place, 2, str(run_dir), backend=backend)
-    _assert_written(run_dir, got)
+def _sealed(run_dir: Path, step: int) -> Path:
+    ckpt = run_dir / f"step_{step:08d}"
+    ckpt.mkdir(parents=True)
+    (ckpt / "train_state.json").write_text(json.dumps({"state": {"step": step}}))
+    seal_checkpoint(ckpt, 0, 1, step)
+    return ckpt
 
 
-def test_two_ranks_write_one_checkpoint_in_place_over_gloo(spawn_ranks, tmp_path):
-    """Two ranks write step 4 in place, the slow one last; as step_00000004 holds a
-    damaged earlier write, rank 0 names it step_00000004-r1 for both, and the damaged one
-    stays; torn `.tmp-*` and `.old-*` dirs are cleared."""
+def _resume_layout(root: Path) -> None:
+    for step in (4, 6):
+        _sealed(root / "shared", step)  # Ray registered step 4; step 6 was sealed, never registered
+        _sealed(root / "node0", step)   # storage on each node's own disk: only rank 0's holds them
+    (root / "shared" / "step_00000008").mkdir()  # torn: the group died while writing it
+    (root / "node1").mkdir()
+    for node in (0, 1):  # with a bucket: Ray's checkpoint, downloaded once per node
+        _sealed(root / f"download{node}", 6)
+
+
+def _resume(rank: int, world: int, root: str) -> dict[str, str | int]:
+    """Each rank's resume checkpoint in three layouts of the run's storage (see the test)."""
+    from contextlib import ExitStack, nullcontext
+
+    from mamba_slm.platform.fault import integrity
+    from mamba_slm.platform.train.storage import RayCheckpoint, find_resume_checkpoint
+
+    root, hashed = Path(root), []
+    sha256_file = integrity.sha256_file
+    integrity.sha256_file = lambda path, *a: hashed.append(path) or sha256_file(path, *a)
+
+    def resume(run_dir: Path, ray_latest: Path | None) -> str:
+        """As if Ray Train held (had registered) only `ray_latest`, a local directory (what
+        ray.train.Checkpoint.as_directory gives for one) or a node's download."""
+        ckpt = ray_latest and SimpleNamespace(path=str(ray_latest), as_directory=lambda: nullcontext(str(ray_latest)))
+        RayCheckpoint.latest = classmethod(lambda cls, stack: ckpt and cls(ckpt, stack))
+        RayCheckpoint.registered_names = staticmethod(lambda: {ray_latest.name} if ray_latest else set())
+        try:
+            with ExitStack() as stack:
+                return str(find_resume_checkpoint({"local_mode": False, "run_dir": str(run_dir)}, stack))
+        except (FileNotFoundError, RuntimeError) as err:
+            return f"{type(err).__name__}: {err}"
+
+    listing = integrity.checkpoints_newest_first
+    if rank == 1:  # an NFS client's cached listing: step 6, renamed in just before the group died, is missing
+        integrity.checkpoints_newest_first = lambda d: [c for c in listing(d) if c.name != "step_00000006"]
+    out = {"shared": resume(root / "shared", ray_latest=root / "shared" / "step_00000004"), "hashed": len(hashed)}
+    integrity.checkpoints_newest_first = listing
+    out["own_disk"] = resume(root / f"node{rank}", ray_latest=None)
+    out["bucket"] = resume(root / "bucket-not-mounted", ray_latest=root / f"download{rank}" / "step_00000006")
+    return out
+
+
+def _assert_resumed(root: Path, got: dict[int, dict]) -> None:
+    shared = root / "shared"
+    assert got[0]["shared"] == got[1]["shared"] == str(shared / "step_00000006")
+    assert got[0]["hashed"] > 0 and got[1]["hashed"] == 0, "only rank 0 reads checksums"
+    assert sorted(p.name for p in shared.glob(".unregistered-*")) == [".unregistered-step_00000006",
+                                                                    ".unregistered-step_00000008"]
+    assert got[1]["own_disk"].startswith("FileNotFoundError: rank 1 cannot see")
+    assert str(root / "node1" / "step_00000006") in got[1]["own_disk"] and "not shared" in got[1]["own_disk"]
+    assert got[0]["own_disk"].startswith("RuntimeError: rank 1 cannot open checkpoint step_00000006")
+    assert got[0]["bucket"] == str(root / "download0" / "step_00000006")
+    assert got[1]["bucket"] == str(root / "download1" / "step_00000006")
+
+
+def _each_rank(rank: int, world: int, root: str) -> dict:
+    """Both checks in one process group (spawning one costs ~5 s on 2 cores)."""
+    written = _write_in_place(rank, world, str(Path(root) / "write"))
+    return {"written": written, **_resume(rank, world, str(Path(root) / "resume"))}
+
+
+def _run(spawn_ranks, root: Path, backend: str) -> None:
+    _write_layout(root / "write")
+    _resume_layout(root / "resume")
+    got = spawn_ranks(_each_rank, 2, str(root), backend=backend)
+    _assert_written(root / "write", {rank: got[rank].pop("written") for rank in got})
+    _assert_resumed(root / "resume", got)
+
+
+def test_checkpoint_collectives_over_gloo(spawn_ranks, tmp_path):
+    """Writing: two ranks write step 4 in place, the slow one last; as step_00000004 holds
+    a damaged earlier write, rank 0 names it step_00000004-r1 for both, and the damaged
+    one stays; torn `.tmp-*` and `.old-*` dirs are cleared.
+
+    Resuming, rank 0 alone decides and each rank opens the name under its own view of
+    storage. Shared storage where rank 1's listing is stale: both ranks resume from the
+    step-6 checkpoint rank 0 found (Ray registered step 4; step 8 is torn), and only rank
+    0 reads checksums and marks what Ray does not hold (6 and 8) for pruning. Storage on
+    each node's own disk: rank 1 cannot open the name and says so (path, likely cause),
+    and rank 0 stops too instead of waiting. A bucket: each rank opens its own node's
+    download of Ray's checkpoint."""
     _run(spawn_ranks, tmp_path, "gloo")
 
 
 @TWO_GPUS
-def test_two_ranks_write_one_checkpoint_in_place_over_nccl(spawn_ranks, tmp_path):
+def test_checkpoint_collectives_over_nccl(spawn_ranks, tmp_path):
     _run(spawn_ranks, tmp_path, "nccl")
 
 
