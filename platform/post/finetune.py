@@ -10,8 +10,10 @@ adapter alone (`<output>/adapter`, peft format).
 
 The pretraining platform (`mamba_slm.platform.train`) provides the pieces: process group
 setup, the DeepSpeed config and AdamW parameter groups, the learning-rate schedule, the
-step (loss averaged over workers, bad steps skipped), checkpoints and metrics. A worker
-killed mid-run resumes from the last checkpoint (`max_failures`). ZeRO stage 2 only:
+step (loss averaged over workers, bad steps skipped), checkpoints (sealed with checksums,
+written in place in a storage directory or uploaded to a bucket, as pretraining's are:
+platform/train/storage.py) and metrics. A worker killed mid-run resumes from the last
+intact checkpoint, chosen by rank 0 for every worker (`max_failures`). ZeRO stage 2 only:
 LoRA's optimizer state is tiny, and stage 3 would partition the frozen base weights,
 which the merge then has to gather.
 
@@ -25,9 +27,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
-import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from mamba_slm.platform.train.data import Batch
 from .chat import encode_conversation, load_chat_jsonl
 from .loading import check_model_dir
 
+KEEP_CHECKPOINTS = 2  # in storage: Ray Train's num_to_keep (in local mode the loop prunes)
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
                 "in_proj", "out_proj")
 
@@ -151,13 +153,13 @@ def build_lora_model(job: FinetuneJob):
 
 def finetune_loop_per_worker(config: dict[str, Any]) -> None:
     import deepspeed
-    import ray.train
 
     from mamba_slm.platform.train.checkpoint import load_checkpoint
     from mamba_slm.platform.train.engine import deepspeed_config, param_groups
     from mamba_slm.platform.train.loop import advance, setup_distributed, step_metrics, train_step
     from mamba_slm.platform.train.metrics import MetricsLogger
     from mamba_slm.platform.train.state import TrainState
+    from mamba_slm.platform.train.storage import find_resume_checkpoint
 
     job = FinetuneJob.from_dict(config["job"])
     tcfg = job.training
@@ -168,10 +170,10 @@ def finetune_loop_per_worker(config: dict[str, Any]) -> None:
         model=model, model_parameters=param_groups(model, tcfg.weight_decay),
         config=deepspeed_config(tcfg, world, job.use_gpu), dist_init_required=False)
     state = TrainState()
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as path:
-            state = load_checkpoint(engine, Path(path), rank)
+    with ExitStack() as stack:
+        resume_dir = find_resume_checkpoint(config, stack)  # rank 0 decides for all
+        if resume_dir is not None:
+            state = load_checkpoint(engine, resume_dir, rank)
     logger = MetricsLogger(Path(job.output_dir), job.to_dict(), job.name, tcfg.max_steps, False, "", 10) \
         if rank == 0 else None
     while state.step < tcfg.max_steps:
@@ -184,31 +186,35 @@ def finetune_loop_per_worker(config: dict[str, Any]) -> None:
                    "assistant_tokens": tokens}
         if logger is not None:
             logger.log(metrics)
-        report_step(engine, job, state, metrics, rank)
+        report_step(engine, job, config, state, metrics, rank, world)
     if logger is not None:
         logger.close()
 
 
-def report_step(engine, job: FinetuneJob, state, metrics: dict[str, Any], rank: int) -> None:
+def report_step(engine, job: FinetuneJob, config: dict[str, Any], state, metrics: dict[str, Any], rank: int,
+                world: int) -> None:
     """Report every step (Ray needs the same number of calls on every worker); attach a
     checkpoint every `checkpoint_every` steps and at the end, where rank 0 also merges
     the adapters and writes the final model."""
     import ray.train
 
-    from mamba_slm.platform.train.checkpoint import checkpoint_dir_name, save_checkpoint
+    from mamba_slm.platform.fault.integrity import seal_checkpoint
+    from mamba_slm.platform.train.checkpoint import save_checkpoint
+    from mamba_slm.platform.train.storage import save_and_report
 
     cfg = job.training
     final = state.step >= cfg.max_steps
     if not (final or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0)):
         ray.train.report(metrics)
         return
-    name = checkpoint_dir_name(state.step)
-    path = Path(tempfile.mkdtemp(prefix=f"{name}-"))
-    save_checkpoint(engine, state, job.to_dict(), path, rank)
-    if final and rank == 0:
-        write_merged_model(engine.module, job, state.step)
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)), checkpoint_dir_name=name)
-    shutil.rmtree(path, ignore_errors=True)
+
+    def write(path: Path) -> None:  # collective: this worker's files, sealed
+        save_checkpoint(engine, state, job.to_dict(), path, rank)
+        if final and rank == 0:
+            write_merged_model(engine.module, job, state.step)
+        seal_checkpoint(path, rank, world, state.step)
+
+    save_and_report(config, state.step, rank, KEEP_CHECKPOINTS, metrics, write)
 
 
 @torch.no_grad()
@@ -237,15 +243,16 @@ def run_finetune(job: FinetuneJob) -> Path:
     local_mode = job.num_workers == 0
     if not local_mode:
         ensure_ray(job.use_gpu)
+    storage = Path(job.output_dir) / "checkpoints"
     trainer = Trainer(
         finetune_loop_per_worker,
-        train_loop_config={"job": job.to_dict(), "local_mode": local_mode},
+        train_loop_config={"job": job.to_dict(), "local_mode": local_mode, "run_dir": str(storage / job.name)},
         torch_config=TorchConfig(backend="nccl" if job.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=job.num_workers, use_gpu=job.use_gpu,
                                                resources_per_worker={"CPU": job.cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name=job.name, storage_path=str(Path(job.output_dir) / "checkpoints"),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            name=job.name, storage_path=str(storage),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
             failure_config=ray.train.FailureConfig(max_failures=job.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING")))
     trainer.fit()

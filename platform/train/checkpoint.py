@@ -34,7 +34,7 @@ import torch
 
 from mamba_slm.model import HybridLM, ModelConfig
 from mamba_slm.model.io import CONFIG_FILE, WEIGHTS_FILE, load_pretrained, save_pretrained
-from mamba_slm.platform.fault.integrity import checkpoint_name, fresh_temporary_dir, move_files, publish_atomically
+from mamba_slm.platform.fault.integrity import fresh_temporary_dir, move_files, publish_atomically
 from mamba_slm.platform.fault.worker import broadcast_from_rank0
 
 from .state import TrainState
@@ -45,11 +45,6 @@ STATE_FILE, DS_TAG = "train_state.json", "ds"
 
 class ArchitectureMismatchError(ValueError):
     pass
-
-
-def checkpoint_dir_name(step: int) -> str:
-    """The first checkpoint of `step` (storage.new_checkpoint_name picks the name to write)."""
-    return checkpoint_name(step)
 
 
 def save_checkpoint(engine, state: TrainState, config: dict[str, Any], path: Path, rank: int) -> None:

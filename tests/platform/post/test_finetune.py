@@ -1,6 +1,7 @@
 """LoRA SFT: the chat template masks everything but assistant tokens; a real 2-worker
 Ray Train run through jobs/finetune.py lowers the assistant loss, touches only the
-adapted projections, and the merged model equals base + adapter."""
+adapted projections, and the merged model equals base + adapter; its checkpoints are
+written in place in the storage directory and sealed, as pretraining's are."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from mamba_slm.model.io import load_pretrained
+from mamba_slm.platform.fault.integrity import verify_checkpoint
 from mamba_slm.platform.post.chat import encode_conversation, load_chat_jsonl, prompt_ids
 from mamba_slm.platform.post.finetune import FinetuneJob, step_micro_batches
 from mamba_slm.platform.post.loading import load_model_dir
@@ -78,6 +80,10 @@ def test_finetune_job_two_workers(ray_cluster, tiny_model_dir, tmp_path, repo_ro
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, 9))
     assert all(m["assistant_tokens"] > 0 for m in metrics)
+    storage = out / "checkpoints" / "finetune"  # written in place: sealed by both workers, nothing left over
+    assert sorted(p.name for p in storage.iterdir() if p.is_dir()) == ["step_00000008"]
+    assert verify_checkpoint(storage / "step_00000008") == ""
+    assert json.loads((storage / "step_00000008" / "integrity_rank1.json").read_text())["world"] == 2
 
     base, tuned = load_pretrained(tiny_model_dir), load_pretrained(out / "model")
     meta = json.loads((out / "model" / "config.json").read_text())
