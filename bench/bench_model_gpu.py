@@ -176,10 +176,25 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (ours only)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a ModelConfig field for every side, e.g. --set mamba_chunk_size=128 (repeatable)")
     p.add_argument("--out", default=None, help="append JSON lines here")
     p.add_argument("--profile-dir", default=None,
                    help="write torch.profiler's top kernels of one step per side and length here")
     args = p.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        field, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--set {item!r}: expected FIELD=VALUE, e.g. mamba_chunk_size=128")
+        try:
+            overrides[field] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[field] = value  # a plain string
+    try:
+        ModelConfig.from_name(args.size, **overrides)
+    except (TypeError, ValueError) as exc:
+        p.error(f"--set: {exc}")
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
     dev = torch.cuda.get_device_name()
@@ -188,7 +203,7 @@ def main(argv=None) -> int:
     ceiling = matmul_ceiling_tflops()
     print(f"measured bf16 matmul ceiling: {ceiling:.0f} TFLOP/s", flush=True)
     for seq in args.seqs:
-        cfg = ModelConfig.from_name(args.size, max_seq_len=max(seq, 8192))
+        cfg = ModelConfig.from_name(args.size, **{"max_seq_len": max(seq, 8192), **overrides})
         for side in args.sides:
             try:
                 profile_to = args.profile_dir and f"{args.profile_dir}/train_{side}_{seq}.txt"
@@ -197,7 +212,7 @@ def main(argv=None) -> int:
             except torch.OutOfMemoryError:
                 row = dict(kind="train", side=side, size=args.size, seq=seq, tokens_per_s="OOM")
                 torch.cuda.empty_cache()
-            row.update(device=dev, ceiling_tflops=round(ceiling))
+            row.update(device=dev, ceiling_tflops=round(ceiling), **({"set": " ".join(args.set)} if args.set else {}))
             rows.append(row)
             print(json.dumps(row), flush=True)
     print_table(rows)
