@@ -48,20 +48,47 @@ def _ray_bin() -> str:
     return str(beside) if beside.exists() else (shutil.which("ray") or str(beside))
 
 
-def _stop_own_cluster(grace_s: float = 10.0) -> None:
-    """Stop the processes of the cluster on RAY_HEAD_PORT: each Ray process of a node
-    names the GCS port in its command line (gcs_server_port=P, gcs-address=IP:P,
-    --address=IP:P). Nodes that tests join to this head are stopped too."""
-    import time
+def _own_cluster_pids() -> set[int]:
+    """The processes of the cluster on RAY_HEAD_PORT: each Ray process of a node names the
+    GCS port in its command line (gcs_server_port=P, gcs-address=IP:P, --address=IP:P),
+    and their children (workers, and the dashboard and runtime-env agents, whose process
+    titles name no port)."""
     pattern = f"(:|port=){RAY_HEAD_PORT}( |$)"
-    if subprocess.run(["pkill", "-TERM", "-f", pattern]).returncode != 0:
-        return  # nothing was running
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+    pids, frontier = set(map(int, found)), list(map(int, found))
+    while frontier:
+        children = subprocess.run(["pgrep", "-P", str(frontier.pop())], capture_output=True, text=True).stdout.split()
+        for child in map(int, children):
+            if child not in pids:
+                pids.add(child)
+                frontier.append(child)
+    pids.discard(os.getpid())
+    return pids
+
+
+def _stop_own_cluster(grace_s: float = 10.0) -> None:
+    """Stop the processes of the cluster on RAY_HEAD_PORT (`_own_cluster_pids`); nodes
+    that tests join to this head are stopped too."""
+    import signal
+    import time
+    pids = _own_cluster_pids()
+
+    def signal_all(sig) -> set[int]:
+        alive = set()
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+                alive.add(pid)
+            except ProcessLookupError:
+                pass
+        return alive
+
+    pids = signal_all(signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        if subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode != 0:
-            return
+    while pids and time.monotonic() < deadline:
         time.sleep(0.5)
-    subprocess.run(["pkill", "-KILL", "-f", pattern])
+        pids = signal_all(0)
+    signal_all(signal.SIGKILL)
 
 
 def _wait_for_job_agent(dashboard: str, timeout_s: float = 90.0) -> None:
