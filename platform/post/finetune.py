@@ -156,7 +156,7 @@ def finetune_loop_per_worker(config: dict[str, Any]) -> None:
 
     from mamba_slm.platform.train.checkpoint import load_checkpoint
     from mamba_slm.platform.train.engine import deepspeed_config, param_groups
-    from mamba_slm.platform.train.loop import advance, setup_distributed, step_metrics, train_step
+    from mamba_slm.platform.train.loop import advance, node_position, setup_distributed, step_metrics, train_step
     from mamba_slm.platform.train.metrics import MetricsLogger
     from mamba_slm.platform.train.state import TrainState
     from mamba_slm.platform.train.storage import find_resume_checkpoint
@@ -173,7 +173,8 @@ def finetune_loop_per_worker(config: dict[str, Any]) -> None:
     with ExitStack() as stack:
         resume_dir = find_resume_checkpoint(config, stack)  # rank 0 decides for all
         if resume_dir is not None:
-            state = load_checkpoint(engine, resume_dir, rank)
+            # on another number of workers than wrote it: converted through DeepSpeed's universal format
+            state = load_checkpoint(engine, resume_dir, rank, world, node_position())
     logger = MetricsLogger(Path(job.output_dir), job.to_dict(), job.name, tcfg.max_steps, False, "", 10) \
         if rank == 0 else None
     while state.step < tcfg.max_steps:

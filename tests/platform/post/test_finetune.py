@@ -106,3 +106,20 @@ def test_finetune_job_two_workers(ray_cluster, tiny_model_dir, tmp_path, repo_ro
 
     examples, _ = tokenize_chats(job)
     assert assistant_loss(tuned, examples) < assistant_loss(base, examples) - 0.2
+
+    # As if the run had been stopped after its step-8 checkpoint (no final model yet) and
+    # resubmitted on one worker (a spot node gone): it resumes the 2-worker checkpoint
+    # through DeepSpeed's universal format and goes on from step 9.
+    import shutil
+    for final in ("model", "adapter"):
+        shutil.rmtree(out / final)
+    proc = subprocess.run(
+        [sys.executable, "jobs/finetune.py", "--checkpoint", str(tiny_model_dir), "--data", str(CHAT),
+         "--output", str(out), "--max-steps", "10", "--lr", "3e-2", "--global-batch-size", "4",
+         "--micro-batch-size", "2", "--num-workers", "1", "--lora-rank", "4"],
+        cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-2:] == [9, 10] and 1 not in steps[8:], steps
+    assert json.loads((storage / "step_00000010" / "integrity_rank0.json").read_text())["world"] == 1
+    assert json.loads((out / "model" / "config.json").read_text())["finetune"]["step"] == 10
