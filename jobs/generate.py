@@ -46,8 +46,9 @@ def find_tokenizer(checkpoint: Path) -> Path | None:
             return candidate
     from mamba_slm.platform.fault.integrity import checkpoints_newest_first
 
-    newest = checkpoints_newest_first(checkpoint)[:1]  # by (step, revision): step_N-r10 after step_N-r2
-    for state in [checkpoint / "train_state.json", *(c / "train_state.json" for c in newest)]:
+    # newest first, by (step, revision): step_N-r10 after step_N-r2; a torn one has no state file
+    ckpts = checkpoints_newest_first(checkpoint)
+    for state in [checkpoint / "train_state.json", *(c / "train_state.json" for c in ckpts)]:
         if state.is_file():
             data = Path(json.loads(state.read_text())["config"]["data"]["path"]) / "tokenizer.json"
             if data.is_file():

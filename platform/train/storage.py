@@ -209,7 +209,14 @@ def new_checkpoint_name(config: dict[str, Any], step: int, rank: int) -> str:
     published before (the run fell back past it); that one stays until pruned."""
     name = None
     if rank == 0:
-        name = unused_checkpoint_name(step, checkpoint_names_in_storage(config))
+        names, directory = names_in_storage(config)
+        # A marker that outlived its checkpoint (a kill between the two deletions) still
+        # takes its name: `prune_unregistered` would delete a new checkpoint of that name.
+        names += [n[len(UNREGISTERED):] for n in names if n.startswith(UNREGISTERED)]
+        name = unused_checkpoint_name(step, names)
+        # A listing can lag (an NFS client caches them); a lookup by name asks the server.
+        while directory is not None and (directory / name).exists():
+            name = checkpoint_name(step, checkpoint_order(name)[1] + 1)
         if name != checkpoint_name(step):
             log.warning("step %d was checkpointed before (the run fell back past that checkpoint and redid the "
                         "steps since): writing %s; the earlier one stays in storage for inspection until "
@@ -217,18 +224,20 @@ def new_checkpoint_name(config: dict[str, Any], step: int, rank: int) -> str:
     return broadcast_from_rank0(name)
 
 
-def checkpoint_names_in_storage(config: dict[str, Any]) -> list[str]:
-    """Names of everything in the run's storage directory (or bucket prefix)."""
+def names_in_storage(config: dict[str, Any]) -> tuple[list[str], Path | None]:
+    """Names of everything in the run's storage directory (or bucket prefix), and that
+    directory when it is one (None for a bucket)."""
     if config["local_mode"]:
         run_dir = Path(config["run_dir"])
-        return [p.name for p in run_dir.iterdir()] if run_dir.is_dir() else []
+        return ([p.name for p in run_dir.iterdir()] if run_dir.is_dir() else []), run_dir
     import pyarrow.fs
     import ray.train
 
     storage = ray.train.get_context().get_storage()
     infos = storage.storage_filesystem.get_file_info(
         pyarrow.fs.FileSelector(storage.experiment_fs_path, allow_not_found=True))
-    return [Path(info.path).name for info in infos]
+    local = isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem)
+    return [Path(info.path).name for info in infos], Path(storage.experiment_fs_path) if local else None
 
 
 def checkpoint_destination(config: dict[str, Any], name: str) -> tuple[Path, Any] | None:

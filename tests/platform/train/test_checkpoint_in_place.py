@@ -108,11 +108,14 @@ def _resume(rank: int, world: int, root: str) -> dict[str, str | int]:
         except (FileNotFoundError, RuntimeError) as err:
             return f"{type(err).__name__}: {err}"
 
+    from mamba_slm.platform.train import storage
+
     listing = integrity.checkpoints_newest_first
     if rank == 1:  # an NFS client's cached listing: step 6, renamed in just before the group died, is missing
-        integrity.checkpoints_newest_first = lambda d: [c for c in listing(d) if c.name != "step_00000006"]
+        stale = lambda d: [c for c in listing(d) if c.name != "step_00000006"]  # noqa: E731
+        integrity.checkpoints_newest_first = storage.checkpoints_newest_first = stale
     out = {"shared": resume(root / "shared", ray_latest=root / "shared" / "step_00000004"), "hashed": len(hashed)}
-    integrity.checkpoints_newest_first = listing
+    integrity.checkpoints_newest_first = storage.checkpoints_newest_first = listing
     out["own_disk"] = resume(root / f"node{rank}", ray_latest=None)
     out["bucket"] = resume(root / "bucket-not-mounted", ray_latest=root / f"download{rank}" / "step_00000006")
     return out
@@ -195,3 +198,19 @@ def test_torn_temporary_dirs_of_any_step_are_cleared_before_a_write(tmp_path):
         (tmp_path / torn / ".rank0").mkdir(parents=True)
     tmp = fresh_temporary_dir(tmp_path / "step_00000006")
     assert [p.name for p in tmp_path.iterdir()] == [tmp.name] and not any(tmp.iterdir())
+
+
+def test_new_checkpoint_name_is_never_taken(tmp_path, monkeypatch):
+    """Rank 0 names the next checkpoint past every name in use: published ones, ones a
+    leftover unregistered-marker still claims, and ones a lagging listing misses."""
+    from mamba_slm.platform.train import storage
+
+    run = tmp_path / "run"
+    (run / "step_00000006").mkdir(parents=True)
+    (run / ".unregistered-step_00000008").touch()  # its checkpoint was deleted, the marker was not
+    config = {"local_mode": True, "run_dir": str(run)}
+    assert storage.new_checkpoint_name(config, 8, 0) == "step_00000008-r1"
+    assert storage.new_checkpoint_name(config, 6, 0) == "step_00000006-r1"
+    monkeypatch.setattr(storage, "names_in_storage", lambda cfg: ([], run))  # an NFS client's stale listing
+    assert storage.new_checkpoint_name(config, 6, 0) == "step_00000006-r1"
+    assert storage.new_checkpoint_name(config, 7, 0) == "step_00000007"
