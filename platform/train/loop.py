@@ -63,8 +63,6 @@ class StepResult:
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Entry point of every worker; `config` is `{"job": JobSpec.to_dict(), "hooks": [...],
     "local_mode": bool, "run_dir": str}` from `launcher.run_pretraining`."""
-    import ray.train
-
     # Ray logs every report at INFO; the step lines below say the same, once. Ray 2.60's
     # Train V2 names that logger by its file path, not by module.
     logging.getLogger("ray.train").setLevel(logging.WARNING)

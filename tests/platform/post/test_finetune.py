@@ -5,6 +5,7 @@ written in place in the storage directory and sealed, as pretraining's are."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -67,16 +68,21 @@ def assistant_loss(model, job_examples) -> float:
     return sum(losses) / len(losses)
 
 
+def finetune_job(repo_root: Path, model_dir: Path, out: Path, max_steps: int, workers: int) -> None:
+    """`python jobs/finetune.py` on the test chats (LoRA rank 4, 4 conversations a step)."""
+    proc = subprocess.run(
+        [sys.executable, "jobs/finetune.py", "--checkpoint", str(model_dir), "--data", str(CHAT),
+         "--output", str(out), "--max-steps", str(max_steps), "--lr", "3e-2", "--global-batch-size", "4",
+         "--micro-batch-size", "2", "--num-workers", str(workers), "--lora-rank", "4"],
+        cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_finetune_job_two_workers(ray_cluster, tiny_model_dir, tmp_path, repo_root):
     out = tmp_path / "sft"
-    proc = subprocess.run(
-        [sys.executable, "jobs/finetune.py", "--checkpoint", str(tiny_model_dir), "--data", str(CHAT),
-         "--output", str(out), "--max-steps", "8", "--lr", "3e-2", "--global-batch-size", "4",
-         "--micro-batch-size", "2", "--num-workers", "2", "--lora-rank", "4"],
-        cwd=repo_root, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    finetune_job(repo_root, tiny_model_dir, out, max_steps=8, workers=2)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, 9))
     assert all(m["assistant_tokens"] > 0 for m in metrics)
@@ -110,15 +116,9 @@ def test_finetune_job_two_workers(ray_cluster, tiny_model_dir, tmp_path, repo_ro
     # As if the run had been stopped after its step-8 checkpoint (no final model yet) and
     # resubmitted on one worker (a spot node gone): it resumes the 2-worker checkpoint
     # through DeepSpeed's universal format and goes on from step 9.
-    import shutil
     for final in ("model", "adapter"):
         shutil.rmtree(out / final)
-    proc = subprocess.run(
-        [sys.executable, "jobs/finetune.py", "--checkpoint", str(tiny_model_dir), "--data", str(CHAT),
-         "--output", str(out), "--max-steps", "10", "--lr", "3e-2", "--global-batch-size", "4",
-         "--micro-batch-size", "2", "--num-workers", "1", "--lora-rank", "4"],
-        cwd=repo_root, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    finetune_job(repo_root, tiny_model_dir, out, max_steps=10, workers=1)
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps[-2:] == [9, 10] and 1 not in steps[8:], steps
     assert json.loads((storage / "step_00000010" / "integrity_rank0.json").read_text())["world"] == 1
