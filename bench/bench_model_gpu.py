@@ -6,6 +6,8 @@ Builds every side on the same card in one process and prints one table:
   mamba_ssm  mamba-ssm's reference hybrid (MambaLMHeadModel, Mamba2 + MHA layers at the
              same indices, GatedMLP in every layer), same widths
   attention  this project's all-attention configuration with the same parameter count
+  ours_fp8, attention_fp8   the same with the blocks' matmuls in float8 (torchao tensorwise,
+             as `jobs/pretrain.py --float8`; the FLOP count and the ceiling stay bf16's)
 
 FLOPs per token = 6 N + 12 * attention layers * hidden * seq (the convention of issue 10);
 MFU is against the bf16 matmul ceiling measured in the same run (8192^3 products).
@@ -61,7 +63,13 @@ def equal_param_attention_config(cfg: ModelConfig) -> ModelConfig:
 def build(side: str, cfg: ModelConfig):
     """-> (model, loss(ids (B, T+1)) -> scalar, n_params, n_attention_layers).
     Ours computes the loss the way training does (chunked cross-entropy); mamba-ssm's
-    model returns logits and the loss is taken on them."""
+    model returns logits and the loss is taken on them. A side ending in `_fp8` is that
+    side with its blocks' matmuls in float8 (`--float8` of training)."""
+    if side.endswith("_fp8"):
+        from mamba_slm.platform.train.float8 import apply_float8
+        model, loss, n_params, n_attn = build(side[:-len("_fp8")], cfg)
+        apply_float8(model)
+        return model, loss, n_params, n_attn
     if side in ("ours", "ours_plain", "attention"):
         if side == "attention":
             cfg = equal_param_attention_config(cfg)
@@ -170,7 +178,7 @@ def main(argv=None) -> int:
     p.add_argument("what", choices=["train"])
     p.add_argument("--size", default="1.3B")
     p.add_argument("--sides", nargs="+", default=["ours", "mamba_ssm", "attention"],
-                   choices=["ours", "ours_plain", "mamba_ssm", "attention"])
+                   choices=["ours", "ours_plain", "mamba_ssm", "attention", "ours_fp8", "attention_fp8"])
     p.add_argument("--seqs", nargs="+", type=int, default=[2048, 8192])
     p.add_argument("--tokens", type=int, default=16384, help="tokens per training step")
     p.add_argument("--steps", type=int, default=8)

@@ -155,13 +155,17 @@ class Mamba2Mixer(nn.Module):
     def _fused_forward(self, zxbcdt: torch.Tensor, seq_idx) -> torch.Tensor:
         if seq_idx is not None:
             seq_idx = seq_idx.to(torch.int32).contiguous()
-        return mamba_split_conv1d_scan_combined(
+        # The kernel applies out_proj itself when it is a plain linear; a swapped module
+        # (float8, LoRA) runs as a module on the kernel's gated-norm output.
+        plain = type(self.out_proj) is nn.Linear
+        y = mamba_split_conv1d_scan_combined(
             zxbcdt, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias,
             -torch.exp(self.A_log.float()), D=self.D, chunk_size=self.cfg.mamba_chunk_size,
             seq_idx=seq_idx, activation="silu", rmsnorm_weight=self.norm.weight,
-            rmsnorm_eps=self.norm.eps, outproj_weight=self.out_proj.weight,
-            outproj_bias=self.out_proj.bias, headdim=self.head_dim, ngroups=self.n_groups,
-            norm_before_gate=False)
+            rmsnorm_eps=self.norm.eps, outproj_weight=self.out_proj.weight if plain else None,
+            outproj_bias=self.out_proj.bias if plain else None, headdim=self.head_dim,
+            ngroups=self.n_groups, norm_before_gate=False)
+        return y if plain else self.out_proj(y)
 
     def _conv(self, xBC: torch.Tensor, seq_idx, state: MambaState | None) -> torch.Tensor:
         x = xBC.transpose(1, 2)  # (B, conv_dim, T)

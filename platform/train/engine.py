@@ -105,6 +105,9 @@ def build_model(model_cfg: ModelConfig, cfg: TrainingConfig, ds_config: dict[str
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
             if not dist.is_initialized() or dist.get_rank() == 0:
                 model.reset_parameters()
+    if cfg.float8:
+        from .float8 import apply_float8
+        apply_float8(model)
     if cfg.activation_checkpointing:
         model.set_gradient_checkpointing(True)
     return model

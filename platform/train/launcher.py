@@ -12,6 +12,7 @@ Layout of a run with the default local storage (`./runs`):
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,9 @@ def resolve_job(training: TrainingConfig, data: DataConfig, run: RunConfig,
                 model_overrides: dict[str, Any] | None = None, hooks: list | None = None) -> JobSpec:
     """Fill in what the flags left open: the data (demo corpus when no path), the model
     (vocabulary and context from the manifest), the run name and absolute paths."""
+    if training.float8 and importlib.util.find_spec("torchao") is None:
+        raise ValueError("--float8 needs torchao on the workers and here: "
+                         "pip install 'mamba-slm[float8]' (torchao>=0.18)")
     if not data.path:
         from mamba_slm.platform.data import ensure_demo_data
 
