@@ -6,6 +6,7 @@ tokens/s per GPU, MFU and peak memory per GPU (rank 0's) as a table.
     python bench/bench_train_gpu.py --steps 30 --seq-len 2048 --micro-batch 4 --cases z2x1,z3x2
     python bench/bench_train_gpu.py --size 2.7B --seq-len 8192 --micro-batch 1 --grad-accum 2 \
         --cases z2x2,z3x2 --activation-checkpointing --steps 14 --warmup-steps 5
+    python bench/bench_train_gpu.py --seq-len 8192 --micro-batch 2 --cases z2x1,z2x1+f8   # + float8
 
 Data: a synthetic dataset in the curated format (no corpus or hub needed), vocab 50304.
 Every case is a real `python jobs/pretrain.py` subprocess (its own local Ray), so what is
@@ -39,7 +40,8 @@ def main() -> int:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--micro-batch", type=int, default=4, help="sequences per GPU per micro-step")
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--cases", default="z2x1,z3x2", help=f"comma list of {sorted(CASES)}")
+    p.add_argument("--cases", default="z2x1,z3x2",
+                   help=f"comma list of {sorted(CASES)}; a case ending in +f8 runs with --float8")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--work-dir", default="/tmp/bench_train_gpu")
     p.add_argument("--case-timeout", type=float, default=None,
@@ -60,7 +62,9 @@ def main() -> int:
                                 shards=2, row_group=64)
     rows = []
     for case in args.cases.split(","):
-        stage, gpus = CASES[case]
+        if case.removesuffix("+f8") not in CASES:
+            p.error(f"--cases: unknown case {case!r}; expected names from {sorted(CASES)}, optionally +f8")
+        stage, gpus = CASES[case.removesuffix("+f8")]
         if gpus > torch.cuda.device_count():
             print(f"skip {case}: needs {gpus} GPUs, have {torch.cuda.device_count()}")
             continue
@@ -71,7 +75,7 @@ def main() -> int:
 
 
 def run_case(args, case: str, stage: int, gpus: int, data: Path, work: Path) -> dict:
-    name = f"bench-{case}-{int(time.time())}"
+    name = f"bench-{case.replace('+', '-')}-{int(time.time())}"
     out = work / name
     cmd = [sys.executable, "jobs/pretrain.py", "--training-config", "small_scale", "--size", args.size,
            "--num-workers", str(gpus), "--use-gpu", "--zero-stage", str(stage),
@@ -82,6 +86,8 @@ def run_case(args, case: str, stage: int, gpus: int, data: Path, work: Path) -> 
            "--log-every", "1", "--cpus-per-worker", "4", "--no-save-final"]
     if args.activation_checkpointing:
         cmd.append("--activation-checkpointing")
+    if case.endswith("+f8"):
+        cmd.append("--float8")
     print("$", " ".join(cmd), flush=True)
     t0 = time.time()
     # its own process group, so that a timeout also stops the local Ray the job started
@@ -135,16 +141,16 @@ def print_worker_stacks(since: float, ray_tmp: str = "/tmp/ray") -> None:
 def print_table(rows: list[dict], device: str, args) -> None:
     print(f"\n{args.size}, seq {args.seq_len}, micro-batch {args.micro_batch} x accum {args.grad_accum} per GPU, "
           f"{args.steps} steps (median over steps > {args.warmup_steps}), {device}")
-    head = f"{'case':6} {'ZeRO':>4} {'GPUs':>4} {'tokens/s':>10} {'tok/s/GPU':>10} {'wall tok/s':>10} {'MFU':>6} {'step s':>7} " \
+    head = f"{'case':9} {'ZeRO':>4} {'GPUs':>4} {'tokens/s':>10} {'tok/s/GPU':>10} {'wall tok/s':>10} {'MFU':>6} {'step s':>7} " \
            f"{'alloc GB':>9} {'resv GB':>8} {'loss':>12} {'wall s':>7}"
     print(head + "\n" + "-" * len(head))
     for r in rows:
         if "error" in r:
-            print(f"{r['case']:6} {r['stage']:>4} {r['gpus']:>4}  FAILED ({r['error']}, {r['wall']:.0f}s)")
+            print(f"{r['case']:9} {r['stage']:>4} {r['gpus']:>4}  FAILED ({r['error']}, {r['wall']:.0f}s)")
             continue
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         wall = "n/a" if r["wall_tps"] is None else f"{r['wall_tps']:,.0f}"
-        print(f"{r['case']:6} {r['stage']:>4} {r['gpus']:>4} {r['tokens_per_s']:>10,.0f} {r['per_gpu']:>10,.0f} {wall:>10} "
+        print(f"{r['case']:9} {r['stage']:>4} {r['gpus']:>4} {r['tokens_per_s']:>10,.0f} {r['per_gpu']:>10,.0f} {wall:>10} "
               f"{mfu:>6} {r['step_s']:>7.2f} {r['mem_alloc']:>9.1f} {r['mem_reserved']:>8.1f} {r['loss']:>12} "
               f"{r['wall']:>7.0f}" + ("" if r["finished"] else "  (stopped by --case-timeout after these steps)"))
     print("tokens/s: median over steps of the step alone; wall tok/s: first to last steady step by the clock\n"

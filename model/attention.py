@@ -6,6 +6,11 @@ Paths, chosen by `ModelConfig.attn_impl`:
 - flash: flash-attn's `flash_attn_func`, and `flash_attn_varlen_func` for packed
   documents (cu_seqlens from `seq_idx`), so documents never attend across a boundary
   without a dense mask.
+- flex: as sdpa, but packed documents go through PyTorch's FlexAttention (compiled) with
+  a block mask of the document boundaries: blocks wholly across a boundary are skipped,
+  and no (T, T) mask is materialized. `auto` takes it on GPUs without flash-attn, where
+  SDPA with a dense document mask would fall off its flash kernels (Dong et al. 2024,
+  "Flex Attention").
 Decoding keeps keys/values in a static cache (`KVState`): buffers of `max_len` positions
 allocated up front, written at a position held in a device tensor and read under a mask
 of the positions filled so far, so a decode step launches the same kernels on the same
@@ -32,6 +37,13 @@ try:
 except Exception:  # noqa: BLE001 - optional GPU extension
     flash_attn_func = flash_attn_varlen_func = None
 
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:  # torch < 2.5
+    create_block_mask = flex_attention = None
+_compiled_flex = None
+_mask_memo: tuple = ()  # (seq_idx, its version, block mask): one mask per forward, not per layer
+
 
 @dataclass
 class KVState:
@@ -57,9 +69,29 @@ def resolve_attn_impl(requested: str, device: torch.device) -> str:
     has_flash = flash_attn_func is not None and device.type == "cuda"
     if requested == "flash" and not has_flash:
         raise RuntimeError("attn_impl='flash' needs flash-attn and a CUDA device; use attn_impl='sdpa'")
+    if requested == "flex" and flex_attention is None:
+        raise RuntimeError("attn_impl='flex' needs torch>=2.5 (FlexAttention); use attn_impl='sdpa'")
     if requested == "auto":
-        return "flash" if has_flash else "sdpa"
+        if has_flash:
+            return "flash"
+        return "flex" if device.type == "cuda" and flex_attention is not None else "sdpa"
     return requested
+
+
+def document_block_mask(seq_idx: torch.Tensor):
+    """(B, T) document ids -> FlexAttention BlockMask of `document_causal_mask`, built once
+    per seq_idx tensor (every attention layer of a forward, and its recomputation, reuse it)."""
+    global _mask_memo
+    if _mask_memo and _mask_memo[0] is seq_idx and _mask_memo[1] == seq_idx._version:
+        return _mask_memo[2]
+    B, T = seq_idx.shape
+
+    def same_document_causal(b, h, q, kv):
+        return (q >= kv) & (seq_idx[b, q] == seq_idx[b, kv])
+
+    mask = create_block_mask(same_document_causal, B, None, T, T, device=seq_idx.device)
+    _mask_memo = (seq_idx, seq_idx._version, mask)
+    return mask
 
 
 def document_causal_mask(seq_idx: torch.Tensor) -> torch.Tensor:
@@ -112,8 +144,11 @@ class Attention(nn.Module):
         else:
             cos, sin = self.rotary(torch.arange(T, device=x.device))
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-            if self.impl(x.device) == "flash":
+            impl = self.impl(x.device)
+            if impl == "flash":
                 out = self._flash(q, k, v, seq_idx)
+            elif impl == "flex" and seq_idx is not None and (q.is_cuda or not torch.is_grad_enabled()):
+                out = self._flex(q, k, v, seq_idx)  # (FlexAttention has no backward on a CPU)
             else:
                 out = self._sdpa(q, k, v, seq_idx, 0)
             out = out.transpose(1, 2).reshape(b, T, -1)
@@ -163,6 +198,17 @@ class Attention(nn.Module):
         # Continuing from a cache: query t sits at position offset + t.
         mask = torch.arange(S, device=q.device)[None, :] <= (offset + torch.arange(T, device=q.device))[:, None]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    def _flex(self, q, k, v, seq_idx) -> torch.Tensor:
+        """Packed documents through FlexAttention: compiled on a GPU (its Triton kernel),
+        eager elsewhere (a reference implementation, for tests)."""
+        global _compiled_flex
+        fn = flex_attention
+        if q.is_cuda:
+            if _compiled_flex is None:
+                _compiled_flex = torch.compile(flex_attention, dynamic=False)
+            fn = _compiled_flex
+        return fn(q, k, v, block_mask=document_block_mask(seq_idx), enable_gqa=True)
 
     def _flash(self, q, k, v, seq_idx) -> torch.Tensor:
         """flash-attn wants (B, T, H, D) in fp16/bf16."""

@@ -18,7 +18,7 @@ from typing import Any
 ATTENTION, MAMBA = "A", "M"
 PLACEMENTS = ("strategic", "uniform", "front", "back")
 SSM_PATHS = ("auto", "kernel", "reference")
-ATTN_IMPLS = ("auto", "sdpa", "flash")
+ATTN_IMPLS = ("auto", "sdpa", "flash", "flex")
 
 
 def _evenly_spaced(count: int, start: int, stop: int) -> list[int]:

@@ -202,3 +202,21 @@ def test_fused_on_gpu_runs_plain_on_cpu_and_falls_back_when_compile_fails(monkey
     with caplog.at_level("WARNING"):
         assert wrapped(FakeCuda()) == 2 and wrapped(FakeCuda()) == 2
     assert sum("torch.compile of double failed" in r.message for r in caplog.records) == 1
+
+
+def test_flex_document_attention_equals_dense_mask():
+    """attn_impl="flex" (FlexAttention with a block mask of the documents; compiled on a
+    GPU, eager here) gives the logits of SDPA with the dense document mask. FlexAttention
+    has no CPU backward, so this is forward only; the GPU parity test
+    (test_kernel_parity.py, attn_impl="auto" -> flex without flash-attn) checks gradients."""
+    torch.manual_seed(0)
+    dense = HybridLM(ModelConfig.from_name("tiny", attn_impl="sdpa")).eval()
+    flex = HybridLM(ModelConfig.from_name("tiny", attn_impl="flex")).eval()
+    flex.load_state_dict(dense.state_dict())
+    ids = torch.randint(0, 4000, (2, 150))
+    seq_idx = torch.tensor([[0] * 25 + [1] * 100 + [2] * 25, [0] * 140 + [1] * 10])
+    with torch.no_grad():
+        ref, out = dense(ids, seq_idx=seq_idx).logits, flex(ids, seq_idx=seq_idx).logits
+        plain = flex(ids).logits  # without documents: no mask, the causal SDPA path
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert (plain - ref)[0, 25:].abs().max() > 1e-3  # the documents did change the result

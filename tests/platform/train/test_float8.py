@@ -7,7 +7,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
 
 pytest.importorskip("torchao")
 
