@@ -62,9 +62,11 @@ class TrainingConfig:
     precision: str = _help("auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32", default="auto")
     activation_checkpointing: bool = _help("recompute block activations in backward",
                                            default=False)
-    float8: bool = _help("the blocks' matmuls in float8 (torchao, one dynamic scale per "
-                         "tensor; GPUs of compute capability 8.9+: H100, H200, L4); weights, "
-                         "optimizer state and checkpoints do not change", default=False)
+    float8: bool = _help("experimental: the blocks' matmuls in float8 (torchao, one dynamic "
+                         "scale per tensor; GPUs of compute capability 8.9+: H100, H200, L4); "
+                         "weights, optimizer state and checkpoints do not change. 1.11x on the "
+                         "bare 1.3B model at 8K, but slower through this job on one H200 "
+                         "(bench/RESULTS.md): measure first", default=False)
     seed: int = _help("seed of the weights and of the data order", default=1234)
     checkpoint_every: int | str = _help("save a checkpoint every N steps (0 = only at the end), "
                                         "or 'auto': the Young/Daly interval from the measured "
