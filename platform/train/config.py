@@ -194,6 +194,9 @@ class RunConfig:
     log_every: int = _help("print a console line every N steps (every step goes to wandb "
                            "and metrics.jsonl)", default=10)
     keep_checkpoints: int = _help("keep the newest N checkpoints in storage", default=3)
+    profile_steps: str = _help("profile these steps of rank 0 with torch.profiler, e.g. '5-7' "
+                               "('' = off): <output_dir>/profile/ gets the share of wall time the "
+                               "GPU was busy, the top operators and a Chrome trace", default="")
     save_final: bool = _help("at max-steps, write a last checkpoint and the model (off for "
                              "throughput runs; a stop for preemption or bad steps still saves)",
                              default=True)
@@ -227,6 +230,9 @@ class RunConfig:
             raise ValueError(f"RunConfig.resize_every_s={self.resize_every_s}: must be >= 0")
         if self.cpus_per_worker <= 0:
             raise ValueError(f"RunConfig.cpus_per_worker={self.cpus_per_worker}: must be > 0")
+        from .profiling import parse_profile_steps
+
+        parse_profile_steps(self.profile_steps)  # raises ValueError naming the flag
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -43,6 +43,7 @@ from mamba_slm.platform.fault.worker import WorkerFaultTolerance
 from .checkpoint import check_architecture, load_checkpoint, read_train_state, save_checkpoint, save_final_model
 from .data import Batch, PackedSampleReader, StepBatches
 from .metrics import MetricsLogger, memory_gb, peak_flops_per_device, plot_loss_curve
+from .profiling import StepProfiler
 from .schedule import lr_at
 from .state import JobSpec, TrainState
 from .storage import find_resume_checkpoint, save_and_report
@@ -99,14 +100,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     peak = peak_flops_per_device(job.run.use_gpu, resolve_precision(tcfg, job.run.use_gpu))
     flops_per_token = meta_model(job).flops_per_token(reader.seq_len)
     last_report = time.monotonic()
+    profiler = StepProfiler(job.run.profile_steps if rank == 0 else "", Path(job.run.output_dir) / "profile",
+                            job.run.use_gpu, logger.message if logger else print)
     try:
         while state.step < tcfg.max_steps and not state.stop_reason:
+            profiler.before(state.step + 1)
             t0 = time.perf_counter()
             micro_batches = batches.get(state.sample_position)
             result = train_step(engine, micro_batches, state, tcfg)
             if job.run.use_gpu:
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - t0
+            profiler.after(state.step + 1, elapsed)
             advance(state, result, tcfg, reader.seq_len)
             ft.record(micro_batches)
             for hook in job.hooks:
@@ -124,6 +129,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             if agreed.stop:
                 break
     finally:
+        profiler.close()
         ft.close()
         batches.close()
         if logger is not None:

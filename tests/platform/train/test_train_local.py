@@ -140,3 +140,16 @@ def test_storage_given_as_a_file_uri_is_a_directory(synthetic_data, tmp_path):
     job = resolve_job(TrainingConfig(max_steps=1), DataConfig(path=str(synthetic_data)),
                       RunConfig(name="r", output_dir=str(tmp_path / "out"), storage_path=f"file://{tmp_path}/store"))
     assert job.run.storage_path == str((tmp_path / "store").resolve())
+
+
+def test_profile_steps_writes_tables_and_trace(synthetic_data, tmp_path):
+    job = _job(synthetic_data, tmp_path, "profiled", max_steps=4)
+    job.run.profile_steps = "2-3"
+    run_pretraining(job)
+    out = tmp_path / "profiled" / "profile"
+    assert sorted(p.name for p in out.iterdir()) == ["steps_2-3.json.gz", "steps_2-3.txt"]
+    text = (out / "steps_2-3.txt").read_text()
+    assert text.startswith("steps 2-3 (2): wall ") and "top operators by host time" in text
+    assert "aten::" in text  # the model's operators were recorded
+    with pytest.raises(ValueError, match="profile_steps='3-2'"):
+        RunConfig(profile_steps="3-2")
