@@ -45,6 +45,10 @@ def resolve_job(training: TrainingConfig, data: DataConfig, run: RunConfig,
                 model_overrides: dict[str, Any] | None = None, hooks: list | None = None) -> JobSpec:
     """Fill in what the flags left open: the data (demo corpus when no path), the model
     (vocabulary and context from the manifest), the run name and absolute paths."""
+    if run.num_workers == 0 and is_uri(run.storage_path):
+        raise ValueError(f"--num-workers 0 trains in this process, without Ray Train's storage "
+                         f"layer, so checkpoints cannot go to {run.storage_path}; give a directory "
+                         "(--storage-path /path) or run with --num-workers 1 or more")
     if training.float8 and importlib.util.find_spec("torchao") is None:
         raise ValueError("--float8 needs torchao on the workers and here: "
                          "pip install 'mamba-slm[float8]' (torchao>=0.18)")

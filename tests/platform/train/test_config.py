@@ -68,7 +68,9 @@ def test_cli_accepts_dash_and_underscore_spellings_and_overrides_the_preset():
 
 def test_job_exits_2_with_a_clear_message_on_bad_arguments(repo_root, tmp_path):
     cases = [(["--max-steps", "0"], "max_steps"), (["--zero-stage", "1"], "zero-stage"),
-             (["--data-path", str(tmp_path)], "manifest.json"), (["--schedule", "step"], "schedule")]
+             (["--data-path", str(tmp_path)], "manifest.json"), (["--schedule", "step"], "schedule"),
+             # local mode has no uploader: it used to write to a local dir named "s3:/bucket/runs"
+             (["--num-workers", "0", "--storage-path", "s3://bucket/runs"], "--num-workers 0 trains in this process")]
     for argv, needle in cases:
         out = subprocess.run([sys.executable, "jobs/pretrain.py", *argv], cwd=repo_root,
                              capture_output=True, text=True, timeout=120)
