@@ -8,9 +8,10 @@ Paths, chosen by `ModelConfig.attn_impl`:
   without a dense mask.
 - flex: as sdpa, but packed documents go through PyTorch's FlexAttention (compiled) with
   a block mask of the document boundaries: blocks wholly across a boundary are skipped,
-  and no (T, T) mask is materialized. `auto` takes it on GPUs without flash-attn, where
-  SDPA with a dense document mask would fall off its flash kernels (Dong et al. 2024,
-  "Flex Attention").
+  and the kernel never reads a (T, T) mask (one is built per forward to derive the block
+  mask). `auto` takes it on GPUs without flash-attn, where SDPA with a dense document mask
+  would fall off its flash kernels (Dong et al. 2024, "Flex Attention"). If compiling it
+  fails, a warning says so and the dense-mask SDPA runs instead.
 Decoding keeps keys/values in a static cache (`KVState`): buffers of `max_len` positions
 allocated up front, written at a position held in a device tensor and read under a mask
 of the positions filled so far, so a decode step launches the same kernels on the same
@@ -82,7 +83,8 @@ def document_block_mask(seq_idx: torch.Tensor):
     """(B, T) document ids -> FlexAttention BlockMask of `document_causal_mask`, built once
     per seq_idx tensor (every attention layer of a forward, and its recomputation, reuse it)."""
     global _mask_memo
-    if _mask_memo and _mask_memo[0] is seq_idx and _mask_memo[1] == seq_idx._version:
+    memo = not seq_idx.is_inference()  # inference tensors have no version counter
+    if memo and _mask_memo and _mask_memo[0] is seq_idx and _mask_memo[1] == seq_idx._version:
         return _mask_memo[2]
     B, T = seq_idx.shape
 
@@ -90,7 +92,7 @@ def document_block_mask(seq_idx: torch.Tensor):
         return (q >= kv) & (seq_idx[b, q] == seq_idx[b, kv])
 
     mask = create_block_mask(same_document_causal, B, None, T, T, device=seq_idx.device)
-    _mask_memo = (seq_idx, seq_idx._version, mask)
+    _mask_memo = (seq_idx, seq_idx._version, mask) if memo else ()
     return mask
 
 
@@ -203,12 +205,18 @@ class Attention(nn.Module):
         """Packed documents through FlexAttention: compiled on a GPU (its Triton kernel),
         eager elsewhere (a reference implementation, for tests)."""
         global _compiled_flex
-        fn = flex_attention
-        if q.is_cuda:
-            if _compiled_flex is None:
-                _compiled_flex = torch.compile(flex_attention, dynamic=False)
-            fn = _compiled_flex
-        return fn(q, k, v, block_mask=document_block_mask(seq_idx), enable_gqa=True)
+        if not q.is_cuda:
+            return flex_attention(q, k, v, block_mask=document_block_mask(seq_idx), enable_gqa=True)
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        if _compiled_flex is not flex_attention:
+            try:
+                return _compiled_flex(q, k, v, block_mask=document_block_mask(seq_idx), enable_gqa=True)
+            except Exception as exc:  # noqa: BLE001 - e.g. no C compiler for Triton's launcher
+                log.warning("compiling FlexAttention failed (%r); packed documents use SDPA with a "
+                            "dense mask from now on (slower; flash-attn or attn_impl='sdpa' avoid it)", exc)
+                _compiled_flex = flex_attention  # marks the failure: never retried
+        return self._sdpa(q, k, v, seq_idx, 0)
 
     def _flash(self, q, k, v, seq_idx) -> torch.Tensor:
         """flash-attn wants (B, T, H, D) in fp16/bf16."""

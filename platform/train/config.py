@@ -106,6 +106,13 @@ class TrainingConfig:
             raise ValueError(f"TrainingConfig.precision={self.precision!r}: expected one of {PRECISIONS}")
         if self.zero_stage not in ZERO_STAGES:
             raise ValueError(f"TrainingConfig.zero_stage={self.zero_stage!r}: expected one of {ZERO_STAGES}")
+        if self.float8 and self.zero_stage == 3 and not self.activation_checkpointing:
+            # torchao saves each weight (a view of the gathered parameter) for backward, which
+            # keeps every layer's gathered weights alive from forward to backward: the whole
+            # model on every GPU. Recomputation saves them one layer at a time.
+            raise ValueError("TrainingConfig.float8 with zero_stage=3 needs activation_checkpointing "
+                             "(else every layer's gathered weights stay alive until backward); add "
+                             "--activation-checkpointing or use --zero-stage 2")
         if self.offload_param and self.zero_stage != 3:
             raise ValueError("TrainingConfig.offload_param needs zero_stage=3 (ZeRO-2 keeps "
                              "full parameters on every worker)")

@@ -52,6 +52,8 @@ def resolve_job(training: TrainingConfig, data: DataConfig, run: RunConfig,
     if training.float8 and importlib.util.find_spec("torchao") is None:
         raise ValueError("--float8 needs torchao on the workers and here: "
                          "pip install 'mamba-slm[float8]' (torchao>=0.18)")
+    if training.float8 and not run.use_gpu:
+        raise ValueError("--float8 needs --use-gpu (float8 matmuls: H100, H200, L4-class GPUs)")
     if not data.path:
         from mamba_slm.platform.data import ensure_demo_data
 
@@ -79,6 +81,11 @@ def resolve_job(training: TrainingConfig, data: DataConfig, run: RunConfig,
                               resume_from=str(Path(run.resume_from).resolve()) if run.resume_from else "")
     if seq_len != training.seq_len:
         training = dataclasses.replace(training, seq_len=seq_len)  # the data decides
+    if training.float8 and (training.micro_batch_size * seq_len) % 16:
+        # the weight gradient's float8 matmul multiplies over the micro-batch's tokens
+        raise ValueError(f"--float8 needs micro_batch_size x seq_len = {training.micro_batch_size} x "
+                         f"{seq_len} to be a multiple of 16 (cuBLAS's float8 matmul); change "
+                         "--micro-batch-size or the data's seq_len")
     return JobSpec(training, data, run, model, hooks or [])
 
 

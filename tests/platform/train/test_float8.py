@@ -76,6 +76,25 @@ def test_pretrain_refuses_float8_without_torchao(monkeypatch, tmp_path):
         resolve_job(TrainingConfig(float8=True), DataConfig(path=str(tmp_path)), RunConfig())
 
 
+def test_float8_refusals_name_the_way_out(tmp_path):
+    from mamba_slm.platform.train.config import DataConfig, RunConfig, TrainingConfig
+    from mamba_slm.platform.train.launcher import resolve_job
+    from mamba_slm.platform.train.synthetic import write_synthetic_dataset
+
+    with pytest.raises(ValueError, match="zero_stage=3 needs activation_checkpointing"):
+        TrainingConfig(float8=True, zero_stage=3)
+    TrainingConfig(float8=True, zero_stage=3, activation_checkpointing=True)
+    write_synthetic_dataset(tmp_path / "d", seq_len=60, vocab_size=256, train_rows=16, val_rows=2,
+                            shards=1, row_group=8)
+    data = DataConfig(path=str(tmp_path / "d"))
+    with pytest.raises(ValueError, match="--float8 needs --use-gpu"):
+        resolve_job(TrainingConfig(float8=True), data, RunConfig())
+    with pytest.raises(ValueError, match=r"micro_batch_size x seq_len = 2 x 60 to be a multiple of 16"):
+        resolve_job(TrainingConfig(float8=True, micro_batch_size=2, global_batch_size=4), data,
+                    RunConfig(use_gpu=True))
+    resolve_job(TrainingConfig(float8=True, micro_batch_size=4, global_batch_size=8), data, RunConfig(use_gpu=True))
+
+
 def _zero_worker(rank: int, world: int, stage: int) -> dict:
     from mamba_slm.platform.train.config import TrainingConfig
     from mamba_slm.platform.train.engine import build_engine
@@ -85,7 +104,7 @@ def _zero_worker(rank: int, world: int, stage: int) -> dict:
     out = {}
     for float8 in (False, True):
         cfg = TrainingConfig(zero_stage=stage, global_batch_size=2 * world, micro_batch_size=2,
-                             seed=3, lr=1e-2, float8=float8)
+                             seed=3, lr=1e-2, float8=float8, activation_checkpointing=True)
         engine, _ = build_engine(model_cfg, cfg, world, use_gpu=False)
         kinds = {type(m).__name__ for m in engine.module.modules()}
         losses = []
