@@ -34,7 +34,7 @@ from mamba_slm.platform.fault.integrity import verify_checkpoint
 from mamba_slm.platform.fault.ledger import audit_checkpoint
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-STEPS, BATCH, KILL_AT = 8, 8, 3  # as conftest.run_tiny
+STEPS, BATCH, KILL_AT = 8, 8, 3  # as run_tiny (tests/platform/conftest.py)
 SHRUNK_CHECKPOINT = 4  # the 1-worker group resumes step 2's checkpoint and writes step 4's
 
 
@@ -124,7 +124,7 @@ def _records(out: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
 
 
-def test_node_lost_then_back_training_shrinks_and_grows(ray_cluster, synthetic_data, tmp_path, fault_run,
+def test_node_lost_then_back_training_shrinks_and_grows(ray_cluster, synthetic_data, tmp_path, tiny_run,
                                                         baseline, baseline_losses, monkeypatch):
     # Right after the node dies, Ray Train may still count its CPUs (refresh_elastic_view): it
     # then waits for a placement group that cannot be placed until this timeout (60 s by
@@ -142,7 +142,7 @@ def test_node_lost_then_back_training_shrinks_and_grows(ray_cluster, synthetic_d
     def train():
         try:
             # Each worker reserves 3 CPUs: one fits on the head (4), the other on the new node.
-            outcome["result"] = fault_run(synthetic_data, tmp_path, "elastic", hooks, min_workers=1,
+            outcome["result"] = tiny_run(synthetic_data, tmp_path, "elastic", hooks, min_workers=1,
                                           cpus_per_worker=3, resize_every_s=1, max_failures=4)
         except BaseException as err:  # surfaced by the main thread
             outcome["error"] = err
