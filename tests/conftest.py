@@ -6,6 +6,7 @@ through the dashboard, and extra nodes joined with `ray start --address`.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -25,6 +26,13 @@ RAY_ENV = {
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # Ray Train's controller polls its workers every 2 s by default: each run waits up to a
+    # poll for its start, every failure and its end, and a worker's ray.train.report waits
+    # for the controller to take the previous one (platform/train/loop.py). Tests run dozens
+    # of tiny runs whose steps take ~0.1 s, so the polls were most of their time after
+    # start-up; 0.5 s saves ~5-10 s a run. The loop reads the same variable for its
+    # reporting cadence. Propagated by Ray Train to its controller and workers.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
 }
 if not torch.cuda.is_available():  # on a GPU machine the GPU tests need DeepSpeed on CUDA
     RAY_ENV["DS_ACCELERATOR"] = "cpu"
@@ -32,6 +40,14 @@ os.environ.update(RAY_ENV)
 # Processes Ray starts (job entrypoints run `python ...`) must find this interpreter and
 # its packages even when the venv is not activated (`make test` calls .venv/bin/python).
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+# That PATH also puts this environment's ninja first. DeepSpeed JIT-builds an op on its
+# first initialize (FIELD-NOTES: the shared-memory comm op, cached in TORCH_EXTENSIONS_DIR),
+# and ninja rebuilds from scratch a build another ninja version made (their build logs
+# differ): runs outside the tests (the system's ninja) and test sessions then rebuilt it in
+# turn, ~50 s each time, with every worker of a run waiting on the build's lock. The tests
+# keep their builds apart, one directory per environment.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(
+    Path.home() / ".cache" / "torch_extensions" / f"tests-{hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]}"))
 # Every port a head node listens on is set, so two test sessions on one machine (set
 # MAMBA_SLM_TEST_RAY_PORT / _DASHBOARD_PORT apart) do not collide, and teardown stops only
 # the processes of this session's cluster, never `ray stop` (which stops every Ray here).
@@ -66,9 +82,12 @@ def _own_cluster_pids() -> set[int]:
     return pids
 
 
-def _stop_own_cluster(grace_s: float = 10.0) -> None:
+def _stop_own_cluster(grace_s: float = 3.0) -> None:
     """Stop the processes of the cluster on RAY_HEAD_PORT (`_own_cluster_pids`); nodes
-    that tests join to this head are stopped too."""
+    that tests join to this head are stopped too. SIGTERM, then SIGKILL after `grace_s`:
+    workers, agents and the dashboard exit within ~1.5 s of SIGTERM, but the raylet takes
+    ~10 s and the GCS and autoscaler monitor never exit on it (Ray 2.60), so a longer
+    grace only delayed the end of every session."""
     import signal
     import time
     pids = _own_cluster_pids()
@@ -93,25 +112,35 @@ def _stop_own_cluster(grace_s: float = 10.0) -> None:
 
 def _wait_for_job_agent(dashboard: str, timeout_s: float = 90.0) -> None:
     """Right after `ray start`, job submission fails with "No available agent" until the
-    dashboard's job agent is up; wait for it once here rather than retrying in tests."""
+    dashboard's job agent is up; wait for it once here rather than retrying in tests.
+    The probe is `ray job list`'s request, made here (the CLI costs a process start, ~3 s)."""
     import time
+
+    from ray.job_submission import JobSubmissionClient
+
     deadline = time.monotonic() + timeout_s
     while True:
-        probe = subprocess.run([_ray_bin(), "job", "list", "--address", dashboard],
-                               capture_output=True, text=True, env={**os.environ})
-        if probe.returncode == 0 or time.monotonic() > deadline:
+        try:
+            JobSubmissionClient(dashboard).list_jobs()
             return
-        time.sleep(2)
+        except Exception:  # not up yet: connection refused, or an error status
+            if time.monotonic() > deadline:
+                return
+        time.sleep(0.5)
 
 
 def _start_head(dashboard: bool) -> subprocess.CompletedProcess:
     ports = ["--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}",
              f"--dashboard-agent-listen-port={AGENT_PORT}"] if dashboard else []
+    # The GCS checks each node's raylet every 3 s and declares the node dead after 5 failed
+    # checks; a killed raylet fails each at once (connection refused), so tests that kill a
+    # node (test_elastic) waited 15 s for Ray to notice. Every 0.5 s: 2.5 s. A slow raylet
+    # is given as long as before (the timeout of each check is unchanged).
     return subprocess.run(
         [_ray_bin(), "start", "--head", f"--port={RAY_HEAD_PORT}", "--num-cpus=4",
          f"--include-dashboard={str(dashboard).lower()}", *ports, f"--ray-client-server-port={CLIENT_PORT}",
          "--disable-usage-stats"],
-        capture_output=True, text=True, env={**os.environ},
+        capture_output=True, text=True, env={**os.environ, "RAY_health_check_period_ms": "500"},
     )
 
 

@@ -80,7 +80,7 @@ def test_tiny_model_overfits_a_batch():
     ids = torch.randint(0, 4000, (4, 65), generator=torch.Generator().manual_seed(0))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
-    for _ in range(150):
+    for _ in range(60):  # below 10% by step ~40; ~0.09 (1% of the initial 8.3) at 60
         loss = model(ids[:, :-1], labels=ids[:, 1:]).loss
         opt.zero_grad()
         loss.backward()

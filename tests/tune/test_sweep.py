@@ -1,4 +1,4 @@
-"""A real sweep on the session's Ray cluster: 4 trials of the tiny preset (Optuna TPE +
+"""A real sweep on the session's Ray cluster: 3 trials of the tiny preset (Optuna TPE +
 ASHA), interrupted with Ctrl-C (SIGINT) while a trial trains after another finished, then resumed
 with --resume. Finished trials must not run again; the table, the plot and
 best_layout.json must land; and pretrain must start from that file."""
@@ -21,7 +21,7 @@ from mamba_slm.platform.train.synthetic import write_synthetic_dataset
 from mamba_slm.tune.layout import apply_layout
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-STEPS, RUNGS = 6, 2
+STEPS, RUNGS, TRIALS = 6, 2, 3  # 2 at a time: the third starts once one has finished
 
 
 def _starts(sweep: Path) -> dict[str, int]:
@@ -43,7 +43,7 @@ def test_sweep_interrupted_resumed_then_pretrain_takes_its_layout(ray_cluster, r
     data = write_synthetic_dataset(tmp_path / "data", seq_len=64, vocab_size=256, train_rows=256,
                                    val_rows=16, shards=1, row_group=64)
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "jobs/tune_sweep.py", "--proxy", "tiny", "--trials", "4", "--steps", str(STEPS),
+    cmd = [sys.executable, "jobs/tune_sweep.py", "--proxy", "tiny", "--trials", str(TRIALS), "--steps", str(STEPS),
            "--rungs", str(RUNGS), "--global-batch-size", "8", "--micro-batch-size", "4", "--eval-batches", "2",
            "--patterns", "AMMM,MMMA", "--attn-ratios", "0.25,0.5", "--searcher", "optuna",
            "--max-concurrent", "2", "--cpus-per-trial", "1", "--data-path", str(data), "--output-dir", str(sweep)]
@@ -71,14 +71,14 @@ def test_sweep_interrupted_resumed_then_pretrain_takes_its_layout(ray_cluster, r
     status = {t.trial_id: t.status for t in ExperimentAnalysis(str(sweep)).trials}
     finished_before = {t for t, s in status.items() if s == "TERMINATED"}
     started_before = set(_starts(sweep))
-    assert finished_before and len(finished_before) < 4, status
+    assert finished_before and len(finished_before) < TRIALS, status
     assert started_before - finished_before, f"no trial was training at the interrupt: {status}"
 
     resumed = subprocess.run([sys.executable, "jobs/tune_sweep.py", "--resume", "--output-dir", str(sweep)],
                              cwd=repo_root, capture_output=True, text=True, timeout=600, env=env)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     starts = _starts(sweep)
-    assert len(starts) == 4
+    assert len(starts) == TRIALS
     # A trial runs once, once more if the interrupt caught it training, and once more per
     # failure Tune retried (FailureConfig(max_failures=1); its error is shown as a warning).
     retries = {t.trial_id: t.num_failures for t in ExperimentAnalysis(str(sweep)).trials}
@@ -93,7 +93,7 @@ def test_sweep_interrupted_resumed_then_pretrain_takes_its_layout(ray_cluster, r
             resumed.stdout[-4000:], resumed.stderr[-4000:])
 
     rows = list(csv.DictReader(open(sweep / "trials.csv")))
-    assert len(rows) == 4 and {r["status"] for r in rows} == {"TERMINATED"}
+    assert len(rows) == TRIALS and {r["status"] for r in rows} == {"TERMINATED"}
     assert all(float(r["val_loss"]) > 0 and int(r["runs"]) >= 1 for r in rows)
     assert "val_loss" in resumed.stdout and "best:" in resumed.stdout
     assert (sweep / "sweep.png").stat().st_size > 10_000

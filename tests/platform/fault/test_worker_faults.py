@@ -37,13 +37,13 @@ from mamba_slm.platform.fault.integrity import checkpoint_order, checkpoints_new
 from mamba_slm.platform.fault.ledger import audit_checkpoint
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-STEPS, BATCH = 8, 8  # as conftest.run_tiny
+STEPS, BATCH = 8, 8  # as run_tiny (tests/platform/conftest.py)
 
 
 @pytest.fixture
-def _run(fault_run):
+def _run(tiny_run):
     def run(data, out, name, hooks=(), max_failures=0, grace_s=30.0):
-        return fault_run(data, out, name, hooks, max_failures=max_failures, preemption_grace_s=grace_s)
+        return tiny_run(data, out, name, hooks, max_failures=max_failures, preemption_grace_s=grace_s)
     return run
 
 
@@ -102,7 +102,7 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def test_sigkill_at_three_steps_one_after_damaging_the_newest_checkpoint(baseline, synthetic_data, tmp_path,
-                                                                         fault_run):
+                                                                         tiny_run):
     """Also: no worker makes a temp dir for a checkpoint; a torn temporary directory of
     step 4 (a writer killed mid-save) is never resumed from and is cleared when step 4 is
     written; Ray Train's keep_checkpoints prunes the published ones. Step 6 is damaged
@@ -118,9 +118,9 @@ def test_sigkill_at_three_steps_one_after_damaging_the_newest_checkpoint(baselin
     (torn / ".rank1" / "ds").mkdir(parents=True)
     (torn / ".rank1" / "ds" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"torn")
     damaged = tmp_path / "damaged"
-    result = fault_run(synthetic_data, tmp_path, "killed", max_failures=3, keep_checkpoints=2,
-                       hooks=[RecordTempDirs(log), CorruptNewestAtStep(STEPS - 1, run_dir, damaged, rank=1),
-                              SignalAtSteps(kill_steps, markers, rank=1, sig=signal.SIGKILL)])
+    result = tiny_run(synthetic_data, tmp_path, "killed", max_failures=3, keep_checkpoints=2,
+                      hooks=[RecordTempDirs(log), CorruptNewestAtStep(STEPS - 1, run_dir, damaged, rank=1),
+                             SignalAtSteps(kill_steps, markers, rank=1, sig=signal.SIGKILL)])
     assert fired(markers) == [f"SIGKILL-step{s}" for s in kill_steps], "not every kill fired"
     assert damaged.read_text().startswith("corrupted step_00000006/")
     assert result.last["step"] == STEPS
