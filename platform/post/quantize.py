@@ -225,7 +225,11 @@ def load_quantized(path: str | Path) -> HybridLM:
     for name in modules:
         lin = model.get_submodule(name)
         _replace(model, name, _make(None, cfg, lin.in_features, lin.out_features, lin.bias is not None))
-    state = load_file(str(path / WEIGHTS_FILE))
+    # Copied out of the file's mapping: safetensors places tensors 8-byte aligned, and
+    # torch._weight_int8pack_mm's AVX-512 kernel reads its weight with aligned loads (it
+    # crashed the process on an AMD EPYC with avx512_bf16, weight at address % 64 == 8).
+    # Tensors torch allocates are 64-byte aligned.
+    state = {name: t.clone() for name, t in load_file(str(path / WEIGHTS_FILE)).items()}
     if model_cfg.tie_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)

@@ -41,6 +41,8 @@ def test_quantized_model_round_trip_and_loss(tiny_model_dir, tmp_path, bits):
     out = save_quantized(qmodel, tmp_path / f"int{bits}", QuantConfig(bits=bits, group_size=32),
                          tokenizer_file=tiny_model_dir / "tokenizer.json")
     loaded = load_quantized(out)
+    # 64-byte aligned, as the int8 CPU kernel's aligned loads need (not the file's mapping)
+    assert all(b.data_ptr() % 64 == 0 for b in loaded.buffers() if b.numel()), "a buffer not 64-byte aligned"
     with torch.no_grad():
         got = loaded(ids[:, :-1], labels=ids[:, 1:])
         again = qmodel(ids[:, :-1], labels=ids[:, 1:])
