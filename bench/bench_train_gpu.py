@@ -1,12 +1,21 @@
 """Training throughput of jobs/pretrain.py on GPUs: a preset (--size) through Ray Train +
-DeepSpeed, ZeRO-2 / ZeRO-3 on one or two GPUs, a few dozen steps each; prints tokens/s,
-tokens/s per GPU, MFU and peak memory per GPU (rank 0's) as a table.
+DeepSpeed, ZeRO-2 / ZeRO-3 on one or more GPUs of one machine, a few dozen steps each;
+prints tokens/s, tokens/s per GPU, MFU and peak memory per GPU (rank 0's) as a table.
+
+A case is `z<stage>x<gpus>` (z2x1, z3x4, ...), optionally with suffixes: `+f8` runs with
+--float8; `+kill` checkpoints every --checkpoint-every steps and, once step --kill-at-step
+is logged, SIGKILLs one training worker process from outside (as a crashed process or an
+OOM kill would): Ray Train must restart the group from the latest checkpoint and finish.
+The table then gives the seconds from the kill to the first step after it, and the step
+the run resumed from.
 
     # device machine (2 GPUs): source .whl/install.sh || exit; python bench/bench_train_gpu.py
     python bench/bench_train_gpu.py --steps 30 --seq-len 2048 --micro-batch 4 --cases z2x1,z3x2
     python bench/bench_train_gpu.py --size 2.7B --seq-len 8192 --micro-batch 1 --grad-accum 2 \
         --cases z2x2,z3x2 --activation-checkpointing --steps 14 --warmup-steps 5
     python bench/bench_train_gpu.py --seq-len 8192 --micro-batch 2 --cases z2x1,z2x1+f8   # + float8
+    python bench/bench_train_gpu.py --size 6.7B --seq-len 8192 --micro-batch 1 --grad-accum 2 \
+        --activation-checkpointing --cases z3x2,z3x4,z3x4+kill --steps 12 --warmup-steps 5
 
 Data: a synthetic dataset in the curated format (no corpus or hub needed), vocab 50304.
 Every case is a real `python jobs/pretrain.py` subprocess (its own local Ray), so what is
@@ -29,7 +38,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CASES = {"z2x1": (2, 1), "z3x1": (3, 1), "z2x2": (2, 2), "z3x2": (3, 2)}  # name -> (stage, gpus)
+CASE = re.compile(r"z([23])x(\d+)((?:\+f8|\+kill)*)")  # z<ZeRO stage>x<GPUs>[+f8][+kill]
 
 
 def main() -> int:
@@ -41,7 +50,12 @@ def main() -> int:
     p.add_argument("--micro-batch", type=int, default=4, help="sequences per GPU per micro-step")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--cases", default="z2x1,z3x2",
-                   help=f"comma list of {sorted(CASES)}; a case ending in +f8 runs with --float8")
+                   help="comma list of z<stage>x<gpus> (z2x1, z3x2, z3x4...), each optionally +f8 "
+                        "(--float8) and/or +kill (one worker SIGKILLed at --kill-at-step)")
+    p.add_argument("--kill-at-step", type=int, default=6, help="+kill cases: the step after which a worker dies")
+    p.add_argument("--checkpoint-every", type=int, default=4, help="+kill cases: steps between checkpoints")
+    p.add_argument("--profile-steps", default="",
+                   help="passed to jobs/pretrain.py (e.g. 8-10); the profile summary is printed")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--work-dir", default="/tmp/bench_train_gpu")
     p.add_argument("--case-timeout", type=float, default=None,
@@ -61,10 +75,12 @@ def main() -> int:
         write_synthetic_dataset(data, seq_len=args.seq_len, vocab_size=50304, train_rows=rows, val_rows=8,
                                 shards=2, row_group=64)
     rows = []
-    for case in args.cases.split(","):
-        if case.removesuffix("+f8") not in CASES:
-            p.error(f"--cases: unknown case {case!r}; expected names from {sorted(CASES)}, optionally +f8")
-        stage, gpus = CASES[case.removesuffix("+f8")]
+    cases = args.cases.split(",")
+    for case in cases:
+        if not CASE.fullmatch(case):
+            p.error(f"--cases: unknown case {case!r}; expected z<2|3>x<GPUs> with optional +f8 / +kill, e.g. z3x4+kill")
+    for case in cases:
+        stage, gpus = (int(g) for g in CASE.fullmatch(case).groups()[:2])
         if gpus > torch.cuda.device_count():
             print(f"skip {case}: needs {gpus} GPUs, have {torch.cuda.device_count()}")
             continue
@@ -77,23 +93,31 @@ def main() -> int:
 def run_case(args, case: str, stage: int, gpus: int, data: Path, work: Path) -> dict:
     name = f"bench-{case.replace('+', '-')}-{int(time.time())}"
     out = work / name
+    kill = "+kill" in case
     cmd = [sys.executable, "jobs/pretrain.py", "--training-config", "small_scale", "--size", args.size,
            "--num-workers", str(gpus), "--use-gpu", "--zero-stage", str(stage),
            "--global-batch-size", str(args.micro_batch * args.grad_accum * gpus),
            "--micro-batch-size", str(args.micro_batch), "--max-steps", str(args.steps),
-           "--warmup-steps", "5", "--checkpoint-every", "0", "--data-path", str(data), "--name", name,
+           "--warmup-steps", "5", "--checkpoint-every", str(args.checkpoint_every if kill else 0),
+           *(["--keep-checkpoints", "1", "--max-failures", "1"] if kill else []), "--data-path", str(data), "--name", name,
            "--output-dir", str(out), "--storage-path", str(work / "storage"), "--no-wandb", "--no-plot",
            "--log-every", "1", "--cpus-per-worker", "4", "--no-save-final"]
     if args.activation_checkpointing:
         cmd.append("--activation-checkpointing")
-    if case.endswith("+f8"):
+    if "+f8" in case:
         cmd.append("--float8")
+    if args.profile_steps:
+        cmd += ["--profile-steps", args.profile_steps]
     print("$", " ".join(cmd), flush=True)
     t0 = time.time()
     # its own process group, so that a timeout also stops the local Ray the job started
     proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True)
+    killed_at = None
     try:
-        returncode = proc.wait(timeout=args.case_timeout)
+        if kill:
+            killed_at = kill_a_worker_at(out / "metrics.jsonl", args.kill_at_step, proc, t0, args.case_timeout)
+        returncode = proc.wait(timeout=None if args.case_timeout is None else
+                               max(1.0, args.case_timeout - (time.time() - t0)))
     except subprocess.TimeoutExpired:
         # the workers print their stacks first (platform/train/loop.py registers SIGUSR1),
         # so a case that hangs says where
@@ -109,9 +133,19 @@ def run_case(args, case: str, stage: int, gpus: int, data: Path, work: Path) -> 
     shutil.rmtree(work / "storage", ignore_errors=True)
     shutil.rmtree(out / "model", ignore_errors=True)
     steady = [r for r in records if r["step"] > args.warmup_steps and not r["skipped"]]
-    print(f"{case} losses by step: " + " ".join(f"{r['loss']:.2f}" for r in records), flush=True)
+    print(f"{case} losses by step: " + " ".join(f"{r['step']}:{r['loss']:.3f}" for r in records), flush=True)
+    for summary in sorted((out / "profile").glob("*.txt")):
+        print(f"--- {summary}\n" + "\n".join(summary.read_text().splitlines()[:45]), flush=True)
+    recovery = {}
+    if kill:
+        after = [r for r in records if killed_at is not None and r["time"] > killed_at]
+        recovery = {"killed": killed_at is not None,
+                    "recovery_s": after[0]["time"] - killed_at if after else None,
+                    "resumed_from": next((r["resumed_from_step"] for r in after if r["resumed_from_step"] is not None), None)}
+        print(f"{case}: worker killed {'at ' + time.strftime('%X', time.localtime(killed_at)) if killed_at else 'never'}; "
+              f"{recovery}", flush=True)
     if returncode not in (0, "timeout") or not steady:
-        return {"case": case, "stage": stage, "gpus": gpus, "error": f"exit {returncode}", "wall": wall}
+        return {"case": case, "stage": stage, "gpus": gpus, "error": f"exit {returncode}", "wall": wall, **recovery}
     tps = statistics.median(r["tokens_per_s"] for r in steady)
     # wall clock from the first to the last steady step: what the step times leave out
     # (reports, logging, the fault-tolerance all-reduce) included
@@ -123,7 +157,22 @@ def run_case(args, case: str, stage: int, gpus: int, data: Path, work: Path) -> 
             "mem_alloc": max(r.get("mem_allocated_gb", 0) for r in records),
             "mem_reserved": max(r.get("mem_reserved_gb", 0) for r in records),
             "loss": f"{records[0]['loss']:.2f}->{records[-1]['loss']:.2f}", "wall": wall,
-            "finished": returncode == 0}
+            "finished": returncode == 0, **recovery}
+
+
+def kill_a_worker_at(metrics: Path, step: int, proc: subprocess.Popen, t0: float, timeout: float | None):
+    """Once `metrics` logs `step`, SIGKILL one Ray Train worker process (the newest); returns
+    when it was killed (time.time()), or None if the job ended or timed out first."""
+    while proc.poll() is None and (timeout is None or time.time() - t0 < timeout):
+        logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+        if logged and max(logged) >= step:
+            pids = subprocess.run(["pgrep", "-n", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
+            if pids:
+                os.kill(int(pids[0]), signal.SIGKILL)
+                print(f"killed worker process {pids[0]} after step {max(logged)}", flush=True)
+                return time.time()
+        time.sleep(0.5)
+    return None
 
 
 def print_worker_stacks(since: float, ray_tmp: str = "/tmp/ray") -> None:
@@ -153,6 +202,9 @@ def print_table(rows: list[dict], device: str, args) -> None:
         print(f"{r['case']:9} {r['stage']:>4} {r['gpus']:>4} {r['tokens_per_s']:>10,.0f} {r['per_gpu']:>10,.0f} {wall:>10} "
               f"{mfu:>6} {r['step_s']:>7.2f} {r['mem_alloc']:>9.1f} {r['mem_reserved']:>8.1f} {r['loss']:>12} "
               f"{r['wall']:>7.0f}" + ("" if r["finished"] else "  (stopped by --case-timeout after these steps)"))
+        if "killed" in r:
+            rec = "n/a" if r.get("recovery_s") is None else f"{r['recovery_s']:.0f} s"
+            print(f"{'':9} worker SIGKILLed: {r['killed']}; kill -> next step {rec}; resumed from step {r.get('resumed_from')}")
     print("tokens/s: median over steps of the step alone; wall tok/s: first to last steady step by the clock\n"
           "memory: peak of rank 0 (torch.cuda.max_memory_allocated / reserved)")
 
