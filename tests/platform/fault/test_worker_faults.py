@@ -168,10 +168,11 @@ def test_killed_driver_resubmitted_resumes_from_latest_checkpoint(baseline, synt
     driver = subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = tmp_path / "storage" / "driver" / "step_00000002"
     deadline = time.monotonic() + 240
+    # Killed as soon as the first checkpoint is sealed: the next steps are under way. The
+    # whole 8-step run takes ~2 s once started, so a later kill can miss it.
     while not (first / "integrity_rank1.json").is_file():
         assert driver.poll() is None and time.monotonic() < deadline, "no checkpoint before the kill"
-        time.sleep(0.2)
-    time.sleep(1.0)  # mid-run: the next steps are under way
+        time.sleep(0.02)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     killed_at = checkpoints_newest_first(tmp_path / "storage" / "driver")[0].name
