@@ -141,7 +141,10 @@ def run_case(args, case: str, stage: int, gpus: int, data: Path, work: Path) -> 
         after = [r for r in records if killed_at is not None and r["time"] > killed_at]
         recovery = {"killed": killed_at is not None,
                     "recovery_s": after[0]["time"] - killed_at if after else None,
-                    "resumed_from": next((r["resumed_from_step"] for r in after if r["resumed_from_step"] is not None), None)}
+                    "resumed_from": next((r["resumed_from_step"] for r in after if r["resumed_from_step"] is not None), None),
+                    # the restarted group's start-up, from its first record (platform/train/loop.py)
+                    **{k: next((r[k] for r in after if r.get(k) is not None), None)
+                       for k in ("startup_s", "engine_build_s", "checkpoint_load_s")}}
         print(f"{case}: worker killed {'at ' + time.strftime('%X', time.localtime(killed_at)) if killed_at else 'never'}; "
               f"{recovery}", flush=True)
     if returncode not in (0, "timeout") or not steady:
@@ -204,7 +207,9 @@ def print_table(rows: list[dict], device: str, args) -> None:
               f"{r['wall']:>7.0f}" + ("" if r["finished"] else "  (stopped by --case-timeout after these steps)"))
         if "killed" in r:
             rec = "n/a" if r.get("recovery_s") is None else f"{r['recovery_s']:.0f} s"
-            print(f"{'':9} worker SIGKILLed: {r['killed']}; kill -> next step {rec}; resumed from step {r.get('resumed_from')}")
+            print(f"{'':9} worker SIGKILLed: {r['killed']}; kill -> next step {rec}; resumed from step {r.get('resumed_from')}; "
+                  f"new group: start-up {r.get('startup_s')} s, engine build {r.get('engine_build_s')} s, "
+                  f"checkpoint load {r.get('checkpoint_load_s')} s")
     print("tokens/s: median over steps of the step alone; wall tok/s: first to last steady step by the clock\n"
           "memory: peak of rank 0 (torch.cuda.max_memory_allocated / reserved)")
 

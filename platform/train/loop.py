@@ -76,6 +76,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         # `kill -USR1 <worker pid>` prints every thread's stack to the worker's log (a hang in
         # a collective shows where each rank waits); the driver process keeps its handlers.
         faulthandler.register(signal.SIGUSR1, all_threads=True)
+    started = time.monotonic()
     job = JobSpec.from_dict(config["job"], hooks=config.get("hooks"))
     rank, world = setup_distributed(job.run.use_gpu, config["local_mode"])
     tcfg = job.training
@@ -86,15 +87,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             check_architecture(read_train_state(resume_dir)[1]["model"], job.model, str(resume_dir))
         from .engine import build_engine, resolve_precision
 
+        building = time.monotonic()
         engine, _ = build_engine(job.model, tcfg, world, job.run.use_gpu)
+        loading = time.monotonic()
         state = (load_checkpoint(engine, resume_dir, rank, world, node_position())
                  if resume_dir is not None else TrainState())
+        # where a (re)start's time went, in this group's first metrics record: after a
+        # failure, restarting costs this plus the steps redone since the checkpoint
+        startup = {"engine_build_s": loading - building,
+                   "checkpoint_load_s": time.monotonic() - loading if resume_dir is not None else None}
         ft = WorkerFaultTolerance(tcfg, job.run, rank, world, resume_dir)  # reads the ledger
     logger = None
     if rank == 0:
         logger = MetricsLogger(Path(job.run.output_dir), job.to_dict(), job.run.name, tcfg.max_steps,
                                job.run.wandb, job.run.wandb_project, job.run.log_every)
-        logger.message(describe_start(job, engine, world, state))
+        load = "" if startup["checkpoint_load_s"] is None else f", checkpoint load {startup['checkpoint_load_s']:.1f} s"
+        logger.message(describe_start(job, engine, world, state) + f"; ready after {time.monotonic() - started:.1f} s "
+                       f"(engine build {startup['engine_build_s']:.1f} s{load})")
         ft.message = logger.message
     batches = StepBatches(reader, tcfg.global_batch_size, tcfg.micro_batch_size, rank, world)
     peak = peak_flops_per_device(job.run.use_gpu, resolve_precision(tcfg, job.run.use_gpu))
@@ -122,6 +131,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             metrics = step_metrics(state, result, elapsed, tcfg.tokens_per_step(reader.seq_len),
                                    flops_per_token, peak, world)
             metrics["preempted"] = ft.preempted
+            if startup:  # the first step of this worker group: from entry to its end
+                metrics.update(startup, startup_s=time.monotonic() - started)
+                startup = {}
             if logger is not None:
                 logger.log(metrics)
             if report(engine, job, config, state, metrics, rank, logger, ft, agreed.report):

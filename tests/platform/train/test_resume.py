@@ -34,6 +34,11 @@ def test_interrupted_run_resumes_exactly(synthetic_data, tmp_path, tiny_run, uni
     assert resumed.last["resumed_from_step"] == FAIL_AT - 1 and resumed.last["step"] == STEPS
     records = [json.loads(x) for x in (tmp_path / f"z{stage}-interrupted" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records].count(FAIL_AT) >= 1 and records[-1]["step"] == STEPS
+    # each worker group's first record says where its start-up went; the restarted one loaded
+    firsts = [r for r in records if "startup_s" in r]
+    assert [r["step"] for r in firsts] == [1, FAIL_AT], firsts
+    assert firsts[0]["checkpoint_load_s"] is None and firsts[1]["checkpoint_load_s"] > 0
+    assert all(r["startup_s"] > r["engine_build_s"] > 0 for r in firsts)
     full_losses = [m["loss"] for m in read_metrics(full)]
     tol = dict(rtol=0, atol=2e-2) if gpu else dict(rtol=0, atol=0)
     torch.testing.assert_close([m["loss"] for m in resumed.metrics], full_losses, **tol,
