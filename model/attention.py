@@ -85,10 +85,10 @@ def document_block_mask(seq_idx: torch.Tensor, compile: bool | None = None):
     per seq_idx tensor (every attention layer of a forward, and its recomputation, reuse it).
 
     `compile` (default: on a GPU) builds it through torch.compile: eager, create_block_mask
-    evaluates the mask at every (b, q, kv) with int64 intermediates, ~10 GB of transient
-    memory and 7.8 s on a CPU at T = 32K (1.0 GB at 8K); compiled, it works block by block
-    (0.24 s after a one-time compile, no extra memory). A new closure per call does not
-    recompile."""
+    evaluates the mask at every (b, q, kv) with int64 intermediates (batch 2 on a CPU: 20 GB
+    transient and 14 s at T = 32K, 1.3 GB at 8K; bench/bench_block_mask.py); compiled, it
+    works block by block (0.4 s after a one-time compile, no extra memory). A new closure
+    per call does not recompile."""
     global _mask_memo, _compiled_block_mask
     memo = not seq_idx.is_inference()  # inference tensors have no version counter
     if memo and _mask_memo and _mask_memo[0] is seq_idx and _mask_memo[1] == seq_idx._version:
