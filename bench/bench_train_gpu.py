@@ -115,7 +115,7 @@ def run_case(args, case: str, stage: int, gpus: int, data: Path, work: Path) -> 
     killed_at = None
     try:
         if kill:
-            killed_at = kill_a_worker_at(out / "metrics.jsonl", args.kill_at_step, proc, t0, args.case_timeout)
+            killed_at = kill_a_worker_at(out, args.kill_at_step, proc, t0, args.case_timeout)
         returncode = proc.wait(timeout=None if args.case_timeout is None else
                                max(1.0, args.case_timeout - (time.time() - t0)))
     except subprocess.TimeoutExpired:
@@ -163,11 +163,13 @@ def run_case(args, case: str, stage: int, gpus: int, data: Path, work: Path) -> 
             "finished": returncode == 0, **recovery}
 
 
-def kill_a_worker_at(metrics: Path, step: int, proc: subprocess.Popen, t0: float, timeout: float | None):
-    """Once `metrics` logs `step`, SIGKILL one Ray Train worker process (the newest); returns
-    when it was killed (time.time()), or None if the job ended or timed out first."""
+def kill_a_worker_at(out: Path, step: int, proc: subprocess.Popen, t0: float, timeout: float | None):
+    """Once the run in `out` logs `step`, SIGKILL one Ray Train worker process (the newest);
+    returns when it was killed (time.time()), or None if the job ended or timed out first."""
+    from mamba_slm.platform.train.metrics import read_metrics
+
     while proc.poll() is None and (timeout is None or time.time() - t0 < timeout):
-        logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+        logged = [r["step"] for r in read_metrics(out)]
         if logged and max(logged) >= step:
             pids = subprocess.run(["pgrep", "-n", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
             if pids:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .kernels import rope_cache_update, rope_cache_update_ref, triton
-from .layers import PackedLinears, RotaryEmbedding, apply_rotary
+from .layers import PackedLinears, RotaryEmbedding, apply_rotary, fused_on_gpu
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,6 @@ try:
 except ImportError:  # torch < 2.5
     create_block_mask = flex_attention = None
 _compiled_flex = None
-_compiled_block_mask = None  # torch.compile(create_block_mask), made on first use on a GPU
 _mask_memo: tuple = ()  # (seq_idx, its version, block mask): one mask per forward, not per layer
 
 
@@ -80,40 +79,30 @@ def resolve_attn_impl(requested: str, device: torch.device) -> str:
     return requested
 
 
-def document_block_mask(seq_idx: torch.Tensor, compile: bool | None = None):
+def document_block_mask(seq_idx: torch.Tensor):
     """(B, T) document ids -> FlexAttention BlockMask of `document_causal_mask`, built once
-    per seq_idx tensor (every attention layer of a forward, and its recomputation, reuse it).
-
-    `compile` (default: on a GPU) builds it through torch.compile: eager, create_block_mask
-    evaluates the mask at every (b, q, kv) with int64 intermediates (batch 2 on a CPU: 20 GB
-    transient and 14 s at T = 32K, 1.3 GB at 8K; bench/bench_block_mask.py); compiled, it
-    works block by block (0.4 s after a one-time compile, no extra memory). A new closure
-    per call does not recompile."""
-    global _mask_memo, _compiled_block_mask
+    per seq_idx tensor (every attention layer of a forward, and its recomputation, reuse it)."""
+    global _mask_memo
     memo = not seq_idx.is_inference()  # inference tensors have no version counter
     if memo and _mask_memo and _mask_memo[0] is seq_idx and _mask_memo[1] == seq_idx._version:
         return _mask_memo[2]
+    mask = build_document_block_mask(seq_idx)
+    _mask_memo = (seq_idx, seq_idx._version, mask) if memo else ()
+    return mask
+
+
+@fused_on_gpu
+def build_document_block_mask(seq_idx: torch.Tensor):
+    """The BlockMask itself, compiled on a GPU: eager, create_block_mask evaluates the mask at
+    every (b, q, kv) with int64 intermediates (batch 2 on a CPU: 20 GB transient and 14 s at
+    T = 32K, 1.3 GB at 8K; bench/bench_block_mask.py); compiled, it works block by block
+    (0.4 s after a one-time compile, no extra memory). The closure does not recompile."""
     B, T = seq_idx.shape
 
     def same_document_causal(b, h, q, kv):
         return (q >= kv) & (seq_idx[b, q] == seq_idx[b, kv])
 
-    build = create_block_mask
-    if (seq_idx.is_cuda if compile is None else compile) and _compiled_block_mask is not create_block_mask:
-        if _compiled_block_mask is None:
-            _compiled_block_mask = torch.compile(create_block_mask)
-        build = _compiled_block_mask
-    try:
-        mask = build(same_document_causal, B, None, T, T, device=seq_idx.device)
-    except Exception as exc:  # noqa: BLE001 - a saving only; the eager build gives the same mask
-        if build is create_block_mask:
-            raise
-        log.warning("compiling the document block mask failed (%r); building it eagerly from now on "
-                    "(a dense (B, T, T) evaluation per forward)", exc)
-        _compiled_block_mask = create_block_mask
-        mask = create_block_mask(same_document_causal, B, None, T, T, device=seq_idx.device)
-    _mask_memo = (seq_idx, seq_idx._version, mask) if memo else ()
-    return mask
+    return create_block_mask(same_document_causal, B, None, T, T, device=seq_idx.device)
 
 
 def document_causal_mask(seq_idx: torch.Tensor) -> torch.Tensor:
