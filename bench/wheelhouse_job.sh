@@ -12,7 +12,16 @@ root=$(git rev-parse --show-toplevel); cd "$root"
 shared=$(cd "$root/../shared/device" && pwd)
 bash "$shared/wheelhouse.sh" train >/dev/null
 wheel=$(ls .whl/ray-*.whl); tmp=$(mktemp -d)
-python3 -m zipfile -e "$wheel" "$tmp"
+# unpacked keeping each file's mode (python -m zipfile -e drops it: Ray's gcs_server and
+# raylet lost their exec bit, and ray.init failed with PermissionError)
+python3 - "$wheel" "$tmp" <<'EOF'
+import os, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    for info in z.infolist():
+        path = z.extract(info, sys.argv[2])
+        if info.external_attr >> 16:
+            os.chmod(path, (info.external_attr >> 16) & 0o777)
+EOF
 rm -rf "$tmp"/ray/rllib "$tmp"/ray/llm
 find "$tmp"/ray/dashboard -name '*.map' -delete
 tar -C "$tmp" -cf - . | xz -T0 -9 > .whl/ray.tar.xz

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .kernels import rope_cache_update, rope_cache_update_ref, triton
-from .layers import PackedLinears, RotaryEmbedding, apply_rotary, fused_on_gpu
+from .layers import PackedLinears, RotaryEmbedding, apply_rotary
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,9 @@ except Exception:  # noqa: BLE001 - optional GPU extension
     flash_attn_func = flash_attn_varlen_func = None
 
 try:
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
 except ImportError:  # torch < 2.5
-    create_block_mask = flex_attention = None
+    BlockMask = flex_attention = None
 _compiled_flex = None
 _mask_memo: tuple = ()  # (seq_idx, its version, block mask): one mask per forward, not per layer
 
@@ -91,18 +91,37 @@ def document_block_mask(seq_idx: torch.Tensor):
     return mask
 
 
-@fused_on_gpu
-def build_document_block_mask(seq_idx: torch.Tensor):
-    """The BlockMask itself, compiled on a GPU: eager, create_block_mask evaluates the mask at
-    every (b, q, kv) with int64 intermediates (batch 2 on a CPU: 20 GB transient and 14 s at
-    T = 32K, 1.3 GB at 8K; bench/bench_block_mask.py); compiled, it works block by block
-    (0.4 s after a one-time compile, no extra memory). The closure does not recompile."""
+def build_document_block_mask(seq_idx: torch.Tensor, block: int = 128):
+    """The BlockMask of `document_causal_mask`, built from 128-token blocks' document ranges:
+    a key block is skipped where its ids [lo, hi] cannot meet the query block's, full where
+    both blocks hold one and the same document and the keys come first, partial (the
+    mask_mod decides per token) otherwise. Exact for any seq_idx (ids need not increase:
+    disjoint ranges share no id), and O((T / 128)^2): create_block_mask evaluated the mask
+    at every (b, q, kv), 20 GB at T = 32K, batch 2, or a ~50 s torch.compile on a GPU
+    (bench/bench_block_mask.py)."""
     B, T = seq_idx.shape
+    nb = -(-T // block)
+    pad = nb * block - T  # the last block's padding repeats the last id: ranges stay tight
+    ids = torch.cat([seq_idx, seq_idx[:, -1:].expand(B, pad)], dim=1).view(B, nb, block)
+    lo, hi = ids.amin(-1), ids.amax(-1)  # (B, nb)
+    q_lo, q_hi, k_lo, k_hi = lo[:, :, None], hi[:, :, None], lo[:, None, :], hi[:, None, :]
+    causal = torch.ones(nb, nb, dtype=torch.bool, device=seq_idx.device).tril()
+    meet = causal & (k_lo <= q_hi) & (q_lo <= k_hi)  # (B, nb q-blocks, nb kv-blocks)
+    full = meet & (q_lo == q_hi) & (k_lo == k_hi) & (q_lo == k_lo) & causal.tril(-1)
+    if pad:  # the padded last block never counts as full (flex_attention masks past T itself)
+        full[:, -1, :] = False
+        full[:, :, -1] = False
+    partial = meet & ~full
+
+    def ordered(dense: torch.Tensor):  # (B, nb, nb) -> counts (B, 1, nb), indices (B, 1, nb, nb)
+        dense = dense.to(torch.int32)[:, None]
+        return dense.sum(-1, dtype=torch.int32), torch.argsort(dense, dim=-1, descending=True, stable=True).to(torch.int32)
 
     def same_document_causal(b, h, q, kv):
         return (q >= kv) & (seq_idx[b, q] == seq_idx[b, kv])
 
-    return create_block_mask(same_document_causal, B, None, T, T, device=seq_idx.device)
+    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=block,
+                                    mask_mod=same_document_causal, seq_lengths=(T, T))
 
 
 def document_causal_mask(seq_idx: torch.Tensor) -> torch.Tensor:

@@ -62,10 +62,14 @@ def deepspeed_config(cfg: TrainingConfig, world_size: int, use_gpu: bool) -> dic
     adamw: dict[str, Any] = {"lr": cfg.lr, "betas": [cfg.beta1, cfg.beta2], "eps": cfg.adam_eps,
                              "weight_decay": cfg.weight_decay}
     if not cfg.offload_optimizer:
-        # torch's AdamW (multi-tensor `foreach` on GPUs) instead of DeepSpeed's FusedAdam,
-        # whose JIT build needs nvcc on GPU images and takes ~80 s on a CPU (FIELD-NOTES).
+        # torch's AdamW instead of DeepSpeed's FusedAdam, whose JIT build needs nvcc on GPU
+        # images and takes ~80 s on a CPU (FIELD-NOTES). On GPUs its fused kernel (DeepSpeed
+        # passes the extra key through): the default `foreach` one took 32 ms of a 1.3B 8K
+        # step on an H200, 2.6x the fused one (bench/RESULTS.md, session 10).
         # Offload brings DeepSpeed's CPU Adam, the fast one for optimizer state on the host.
         adamw["torch_adam"] = True
+        if use_gpu:
+            adamw["fused"] = True
     return {
         "train_batch_size": cfg.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,

@@ -125,7 +125,8 @@ def test_deepspeed_config_follows_the_training_config():
     assert gpu["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert gpu["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert gpu["gradient_clipping"] == 0.5 and "torch_adam" not in gpu["optimizer"]["params"]  # CPU Adam
-    assert deepspeed_config(TrainingConfig(), 1, use_gpu=True)["optimizer"]["params"]["torch_adam"]
+    gpu_adamw = deepspeed_config(TrainingConfig(), 1, use_gpu=True)["optimizer"]["params"]
+    assert gpu_adamw["torch_adam"] and gpu_adamw["fused"]  # torch's fused AdamW kernel on GPUs
     cpu = deepspeed_config(TrainingConfig(), world_size=2, use_gpu=False)
     assert not cpu["bf16"]["enabled"] and cpu["optimizer"]["params"]["torch_adam"]
 
