@@ -127,6 +127,10 @@ def run_case(args, case: str, stage: int, gpus: int, data: Path, work: Path) -> 
         proc.wait()
         returncode = "timeout"
         print_worker_stacks(t0)
+        # Ray's worker processes outlive the driver's group for a while: one still compiling
+        # on the GPU ran beside the next case and slowed it (session 10)
+        subprocess.run(["pkill", "-9", "-f", "^ray::"], check=False)
+        time.sleep(5)
     wall = time.time() - t0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] \
         if (out / "metrics.jsonl").is_file() else []

@@ -158,7 +158,6 @@ def test_chunked_loss_equals_full_loss_and_gradients():
     model.zero_grad()
     h_loss = model(ids, labels=labels, return_logits=False)
     assert h_loss.logits is None
-    h = model.embed_tokens(ids)
     torch.testing.assert_close(h_loss.loss, full)
     torch.testing.assert_close(model.chunked_loss(model.final_norm(_hidden(model, ids)), labels, chunk_tokens=7), full)
     h_loss.loss.backward()
