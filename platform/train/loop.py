@@ -209,21 +209,28 @@ def train_step(engine, micro_batches: list[Batch], state: TrainState, cfg) -> St
     lr = lr_at(state.step, cfg)
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
-    losses, skip_reason = [], ""
+    threshold = loss_threshold(state, cfg)
+    checks, bad = [], None
     for mb in micro_batches:
         dev = engine.device
         # The chunked loss (return_logits=False) never holds the full (b, L, V) fp32 logits;
         # it runs inside lm_head's forward, where ZeRO-3 has gathered the head's weight.
         out = engine(mb.input_ids.to(dev), seq_idx=mb.seq_idx.to(dev), labels=mb.labels.to(dev),
                      return_logits=False)
-        loss = out.loss
-        global_loss = mean_over_workers(loss.detach())
-        losses.append(global_loss)
-        skip_reason = skip_reason or bad_loss_reason(global_loss, state, cfg)
-        if skip_reason:
-            loss = loss * float("nan")  # DeepSpeed drops a step whose gradients are not finite
-        engine.backward(loss)
+        global_loss = mean_over_workers(out.loss.detach())
+        # Decided on the device, so that the host queues the backward while the forward
+        # still runs: reading the loss here waited for the forward on every micro-batch and
+        # left the GPU idle while the backward was launched. Once a micro-batch is bad, the
+        # rest of the step is poisoned too; DeepSpeed drops a step whose gradients are not
+        # finite.
+        this_bad = ~torch.isfinite(global_loss) | (global_loss > threshold)
+        bad = this_bad if bad is None else bad | this_bad
+        engine.backward(out.loss * torch.where(bad, float("nan"), 1.0))
         engine.step()
+        checks.append(torch.stack([global_loss, this_bad.float()]))
+    values = torch.stack(checks).tolist()  # the one read, after the step (which syncs anyway)
+    losses = [v for v, _ in values]
+    skip_reason = next((bad_loss_reason(v, state, cfg) for v, was_bad in values if was_bad), "")
     grad_norm = engine.get_global_grad_norm()
     applied = engine.was_step_applied()
     if not applied and not skip_reason:
@@ -232,21 +239,28 @@ def train_step(engine, micro_batches: list[Batch], state: TrainState, cfg) -> St
                       grad_norm=None if grad_norm is None or not applied else float(grad_norm))
 
 
-def mean_over_workers(x: torch.Tensor) -> float:
+def mean_over_workers(x: torch.Tensor) -> torch.Tensor:
+    """The mean of a scalar over the workers, as a float32 tensor on x's device."""
     x = x.float().clone()
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
         x /= dist.get_world_size()
-    return float(x)
+    return x
+
+
+def loss_threshold(state: TrainState, cfg) -> float:
+    """The loss above which a step counts as a spike (inf while the test is off): spike_factor
+    x the running mean of good losses, after spike_warmup_steps."""
+    if cfg.spike_factor and state.loss_ema is not None and state.step >= cfg.spike_warmup_steps:
+        return cfg.spike_factor * state.loss_ema
+    return math.inf
 
 
 def bad_loss_reason(loss: float, state: TrainState, cfg) -> str:
+    """Why a loss the device found bad (not finite, or over `loss_threshold`) skips its step."""
     if not math.isfinite(loss):
         return "non-finite loss"
-    if (cfg.spike_factor and state.loss_ema is not None and state.step >= cfg.spike_warmup_steps
-            and loss > cfg.spike_factor * state.loss_ema):
-        return f"loss spike {loss:.3f} > {cfg.spike_factor:g} x running mean {state.loss_ema:.3f}"
-    return ""
+    return f"loss spike {loss:.3f} > {cfg.spike_factor:g} x running mean {state.loss_ema:.3f}"
 
 
 def advance(state: TrainState, result: StepResult, cfg, seq_len: int) -> None:

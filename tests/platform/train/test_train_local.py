@@ -4,6 +4,7 @@ skipping, and the checkpoint / final-model formats."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -80,16 +81,16 @@ def test_final_model_holds_the_fp32_master_weights_under_bf16(synthetic_data, tm
 
 
 def test_bad_steps_are_skipped_then_the_run_stops_with_a_checkpoint(synthetic_data, tmp_path, monkeypatch):
-    real = loop.bad_loss_reason
-    monkeypatch.setattr(loop, "bad_loss_reason",
-                        lambda loss, state, cfg: "injected" if state.step >= 2 else real(loss, state, cfg))
+    real = loop.loss_threshold  # from step 3 on, every loss is a "spike": decided on the device
+    monkeypatch.setattr(loop, "loss_threshold", lambda state, cfg: -math.inf if state.step >= 2 else real(state, cfg))
     result = run_pretraining(_job(synthetic_data, tmp_path, "bad", max_steps=10, checkpoint_every=2,
                                   max_bad_steps=2))
     steps = {m["step"]: m for m in result.metrics}
     assert sorted(steps) == [1, 2, 3, 4]
     assert not steps[2]["skipped"] and steps[3]["skipped"] and steps[4]["skipped"]
     assert steps[4]["skipped_steps"] == 2 and steps[3]["grad_norm"] is None
-    assert "2 bad steps in a row" in result.stop_reason and "injected" in result.stop_reason
+    assert "2 bad steps in a row" in result.stop_reason and "loss spike" in result.stop_reason
+    assert steps[3]["skip_reason"].startswith("loss spike") and math.isfinite(steps[3]["loss"])  # the real loss
     # Skipped steps left the weights exactly as they were after step 2.
     storage = tmp_path / "storage" / "bad"
     before = load_model(storage / "step_00000002").state_dict()
@@ -99,7 +100,7 @@ def test_bad_steps_are_skipped_then_the_run_stops_with_a_checkpoint(synthetic_da
     assert load_file(str(tmp_path / "bad" / "model" / "model.safetensors"))
 
     # The cause fixed (here: the injection removed), the same run resumes past the stop.
-    monkeypatch.setattr(loop, "bad_loss_reason", real)
+    monkeypatch.setattr(loop, "loss_threshold", real)
     resumed = run_pretraining(_job(synthetic_data, tmp_path, "bad", max_steps=6, checkpoint_every=2,
                                    max_bad_steps=2))
     last = resumed.metrics[-1]
