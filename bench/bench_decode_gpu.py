@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import sys
 import time
@@ -26,6 +27,7 @@ import torch
 from bench_model_gpu import build, kernel_profile, print_table
 from mamba_slm.model import ModelConfig
 from mamba_slm.model import generation
+from mamba_slm.platform.post.quantize import QuantConfig, quantize_model, weights_nbytes
 
 
 def copy_bandwidth_tbs(gib: int = 2, iters: int = 20) -> float:
@@ -143,8 +145,11 @@ def decode_rows(cfg: ModelConfig, prompt_len: int, new: int, sides: list[str]):
     prompt = torch.randint(0, cfg.vocab_size, (1, prompt_len), device="cuda")
     rows, outs, models = [], {}, {}
     for side in sides:
-        family = "mamba_ssm" if side == "mamba_ssm_graphs" else "ours"
-        if family not in models:
+        family = {"mamba_ssm_graphs": "mamba_ssm", "ours_graphs_int8": "ours_int8"}.get(side, "ours")
+        if family == "ours_int8" and family not in models:  # the same weights, INT8 weight-only
+            base = models.get("ours") or build("ours", cfg)[0].to(torch.bfloat16).eval()
+            models[family] = quantize_model(copy.deepcopy(base), QuantConfig(bits=8))
+        elif family not in models:
             torch.manual_seed(0)
             models[family] = build(family, cfg)[0].to(torch.bfloat16).eval()
         model = models[family]
@@ -170,10 +175,12 @@ def decode_rows(cfg: ModelConfig, prompt_len: int, new: int, sides: list[str]):
                 set_decode_levers(model, True)
         outs[side] = out[0, prompt_len:].tolist()
         rows.append(dict(side=side, tokens_per_s=round(new / second, 1), ms_per_token=round(second / new * 1e3, 3),
-                         prefill_ms=prefill_ms and round(prefill_ms, 1),
-                         first_call_s=round(first, 2), params=sum(p.numel() for p in model.parameters())))
+                         prefill_ms=prefill_ms and round(prefill_ms, 1), first_call_s=round(first, 2),
+                         params=sum(p.numel() for p in model.parameters()),
+                         step_gb=None if family == "mamba_ssm" else round(step_bytes(model) / 1e9, 3)))
         print(json.dumps(rows[-1]), flush=True)
     models.pop("mamba_ssm", None)
+    models.pop("ours_int8", None)
     torch.cuda.empty_cache()
     return rows, models.get("ours"), outs, prompt
 
@@ -192,7 +199,7 @@ def compiled_reference_decode(model, prompt: torch.Tensor, new: int) -> tuple[di
     for m in norms:
         m.use_kernel = False
     try:
-        vocab, T = model.config.vocab_size, prompt.shape[1]
+        vocab = model.config.vocab_size
         dec = generation.Decoder(model, 1, 512, cuda_graphs=False)
         cache = dec.cache
         token = torch.zeros(1, 1, dtype=torch.long, device="cuda")
@@ -232,6 +239,13 @@ def compiled_reference_decode(model, prompt: torch.Tensor, new: int) -> tuple[di
             m._path = path
         for m in norms:
             m.use_kernel = True
+
+
+def step_bytes(model) -> int:
+    """Bytes a batch-1 step reads: every weight and buffer once (tied ones once), except the
+    embedding table, of which one row is read."""
+    return weights_nbytes(model) - model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size() \
+        * (not model.config.tie_embeddings)
 
 
 def first_divergence(a: list[int], b: list[int]) -> int:
@@ -298,10 +312,14 @@ def main(argv=None) -> int:
     p.add_argument("--size", default="1.3B")
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new", type=int, default=256)
-    sides = ["ours_eager", "ours_graphs_unfused", "ours_graphs", "ours_graphs_gemv", "mamba_ssm_graphs"]
-    p.add_argument("--sides", nargs="+", default=[s for s in sides if s != "ours_graphs_gemv"], choices=sides,
+    sides = ["ours_eager", "ours_graphs_unfused", "ours_graphs", "ours_graphs_gemv", "ours_graphs_int8",
+             "mamba_ssm_graphs"]
+    p.add_argument("--sides", nargs="+", default=[s for s in sides if s not in ("ours_graphs_gemv", "ours_graphs_int8")],
+                   choices=sides,
                    help="ours_graphs_unfused: CUDA graphs without the packed matmuls and the RoPE kernel; "
-                        "ours_graphs_gemv (experiment): CUDA graphs with every matmul an inductor GEMV")
+                        "ours_graphs_gemv (experiment): CUDA graphs with every matmul an inductor GEMV; "
+                        "ours_graphs_int8: the same weights quantized to INT8 weight-only "
+                        "(platform/post/quantize.py), CUDA graphs; its ceiling is its own step_gb")
     p.add_argument("--gemv", action="store_true",
                    help="experiment: cuBLAS vs inductor GEMV for each weight shape of the model")
     p.add_argument("--check-tokens", type=int, default=32, help="greedy tokens that must agree, graph vs eager")
@@ -338,7 +356,12 @@ def main(argv=None) -> int:
     step_bytes = 2 * (n_params - cfg.padded_vocab_size * cfg.hidden_size)
     ceiling = bw * 1e12 / step_bytes
     for r in rows:
-        r.update(device=dev, ceiling_tokens_per_s=round(ceiling), share_of_ceiling=round(r["tokens_per_s"] / ceiling, 2))
+        own = bw * 1e12 / (r["step_gb"] * 1e9) if r.get("step_gb") else ceiling  # INT8 reads fewer bytes
+        r.update(device=dev, ceiling_tokens_per_s=round(own), share_of_ceiling=round(r["tokens_per_s"] / own, 2))
+    if "ours_graphs_int8" in outs and "ours_graphs" in outs:
+        print(f"greedy tokens, INT8 vs bf16 (both graphs): identical for the first "
+              f"{first_divergence(outs['ours_graphs'], outs['ours_graphs_int8'])} of {args.new} "
+              "(quantized weights: information only)", flush=True)
     if args.gemv and ours is not None:
         try:
             print(f"\none-row matmuls, bf16, each replayed in a CUDA graph (bandwidth {bw:.2f} TB/s):")

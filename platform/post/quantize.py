@@ -1,4 +1,5 @@
-"""Weight-only INT8 / INT4 quantization of a `HybridLM` for CPU inference.
+"""Weight-only INT8 / INT4 quantization of a `HybridLM` for inference (INT8 on a CPU or a
+GPU, INT4 on a CPU).
 
 Every `nn.Linear` inside the blocks (attention q/k/v/o_proj, MLP gate/up/down_proj,
 Mamba-2 in_proj/out_proj) is replaced by a quantized linear; embeddings, `lm_head` (tied
@@ -6,7 +7,9 @@ to the embeddings in the small presets), norms, the Mamba-2 conv and A_log/D/dt_
 in float32. Activations are not quantized.
 
 - INT8: symmetric, one scale per output channel; matmul by PyTorch's CPU kernel
-  `torch._weight_int8pack_mm` (the kernel gpt-fast's int8 path uses).
+  `torch._weight_int8pack_mm` (the kernel gpt-fast's int8 path uses); on a GPU, a one-row
+  product (batch-1 decoding) is an inductor-compiled GEMV that reads the int8 weight
+  (`int8_gemv`), a longer one converts the weight to bf16 first.
 - INT4: asymmetric, one scale and zero per `group_size` input channels (gpt-fast /
   tinygemm convention: w = (q - 8) * scale + zero); matmul by
   `torch._weight_int4pack_mm_for_cpu`. The kernel needs output features in multiples
@@ -28,6 +31,7 @@ it (strict load), `mamba_slm.platform.post.loading.load_model_dir` loads either 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +43,8 @@ from safetensors.torch import load_file, save_file
 
 from mamba_slm.model import HybridLM, ModelConfig
 from mamba_slm.model.io import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load_config
+
+log = logging.getLogger(__name__)
 
 BITS = (8, 4)
 COMPUTE_DTYPE = torch.bfloat16
@@ -85,9 +91,46 @@ class Int8Linear(nn.Module):
         return self.weight.float() * self.scale.float()[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(COMPUTE_DTYPE), self.weight, self.scale)
+        x2 = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE)
+        if not x.is_cuda:
+            y = torch._weight_int8pack_mm(x2, self.weight, self.scale)
+        elif x2.shape[0] == 1 and not torch.is_grad_enabled():
+            y = int8_gemv(x2, self.weight, self.scale)  # a batch-1 decode step
+        else:
+            y = int8_matmul(x2, self.weight, self.scale)  # prompts: a bf16 weight per call
         y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
+
+
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (M, K) bf16 @ (weight (N, K) int8 * scale (N,)).T, in x's dtype."""
+    return (x @ weight.to(x.dtype).t()) * scale
+
+
+_compiled_gemv = None
+
+
+def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`int8_matmul` of one row on a GPU, compiled per weight shape: inductor lowers a
+    one-row matmul to a reduction kernel (tuned by coordinate descent) into which the int8
+    -> bf16 conversion fuses, so each weight byte is read once, as int8 (gpt-fast's INT8
+    decode). Compiled on first use of a shape, which a CUDA-graph decoder's warm-up step
+    does before capture; if compiling fails, it warns once and stays eager."""
+    global _compiled_gemv
+    if _compiled_gemv is None:
+        import torch._dynamo
+
+        for name in ("recompile_limit", "cache_size_limit"):  # one graph per weight shape
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
+        _compiled_gemv = torch.compile(int8_matmul, dynamic=False, options={"coordinate_descent_tuning": True})
+    if _compiled_gemv is not int8_matmul:
+        try:
+            return _compiled_gemv(x, weight, scale)
+        except Exception as exc:  # noqa: BLE001 - a speed-up only; the eager product is exact
+            log.warning("torch.compile of the INT8 GEMV failed (%r); running it eagerly", exc)
+            _compiled_gemv = int8_matmul
+    return int8_matmul(x, weight, scale)
 
 
 class Int4Linear(nn.Module):
@@ -146,6 +189,9 @@ class Int4Linear(nn.Module):
         return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            raise RuntimeError("INT4 (torch._weight_int4pack_mm_for_cpu) runs on a CPU only; "
+                               "quantize with bits=8 for a GPU, or move the model to the CPU")
         packed, scales_zeros = self._pack()
         y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(COMPUTE_DTYPE), packed,
                                               self.group_size, scales_zeros)

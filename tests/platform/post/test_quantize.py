@@ -59,3 +59,28 @@ def test_quant_config_rejects_bad_values():
         QuantConfig(bits=3)
     with pytest.raises(ValueError, match="group_size"):
         QuantConfig(bits=4, group_size=48)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_int8_on_a_gpu_decodes_like_the_dequantized_model():
+    """On a GPU, a one-row INT8 product is the compiled GEMV (`int8_gemv`), a longer one
+    the bf16 product; both match the dequantized weights, and batch-1 decoding with CUDA
+    graphs gives the tokens of eager decoding."""
+    from mamba_slm.model import HybridLM, ModelConfig
+
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 296, bias=False).cuda()
+    q = Int8Linear.from_linear(lin)
+    for rows in (1, 7):
+        x = torch.randn(rows, 256, device="cuda")
+        with torch.no_grad():
+            got = q(x)
+        want = x.bfloat16().float() @ q.dequantized().t()
+        torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
+    model = HybridLM(ModelConfig.from_name("tiny", layer_pattern="AMMA")).cuda().bfloat16()
+    qmodel = quantize_model(model, QuantConfig(bits=8))
+    prompt = torch.randint(0, 4000, (1, 13), device="cuda")
+    eager = qmodel.generate(prompt, max_new_tokens=24, temperature=0, cuda_graphs=False)
+    graph = qmodel.generate(prompt, max_new_tokens=24, temperature=0, cuda_graphs=True)
+    assert torch.equal(graph, eager)
