@@ -155,7 +155,7 @@ def finetune_loop_per_worker(config: dict[str, Any]) -> None:
     import deepspeed
 
     from mamba_slm.platform.train.checkpoint import load_checkpoint
-    from mamba_slm.platform.train.engine import deepspeed_config, param_groups
+    from mamba_slm.platform.train.engine import deepspeed_config, param_groups, skip_shm_comm_op
     from mamba_slm.platform.train.loop import advance, node_position, setup_distributed, step_metrics, train_step
     from mamba_slm.platform.train.metrics import MetricsLogger
     from mamba_slm.platform.train.state import TrainState
@@ -166,6 +166,7 @@ def finetune_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = setup_distributed(job.use_gpu, config["local_mode"])
     examples, eos_id = tokenize_chats(job)
     model = build_lora_model(job)
+    skip_shm_comm_op()
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, tcfg.weight_decay),
         config=deepspeed_config(tcfg, world, job.use_gpu), dist_init_required=False)

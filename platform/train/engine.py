@@ -85,6 +85,20 @@ def deepspeed_config(cfg: TrainingConfig, world_size: int, use_gpu: bool) -> dic
     }
 
 
+def skip_shm_comm_op() -> None:
+    """Keep DeepSpeed's communication start-up from JIT-compiling its CPU shared-memory
+    all-reduce op (g++, ~32 s on a fresh machine: a tenth of `make demo`, and every worker
+    of a run waits on the build's lock). Only `inference_all_reduce` (DeepSpeed's inference
+    tensor parallelism) uses that op; training reduces through torch.distributed. Call it
+    before the first `deepspeed.init_distributed` / `deepspeed.initialize` of a process."""
+    import importlib
+
+    # by name: the attribute `deepspeed.comm.torch` is PyTorch itself (comm imports torch)
+    ds_comm = importlib.import_module("deepspeed.comm.torch")
+    if hasattr(ds_comm, "build_shm_op"):  # another DeepSpeed version: it builds as before
+        ds_comm.build_shm_op = lambda: None
+
+
 def build_model(model_cfg: ModelConfig, cfg: TrainingConfig, ds_config: dict[str, Any],
                 use_gpu: bool = False) -> HybridLM:
     """Build the model on every worker with the same seed. Under ZeRO-3 the parameters
@@ -123,6 +137,7 @@ def build_engine(model_cfg: ModelConfig, cfg: TrainingConfig, world_size: int, u
     import deepspeed
 
     ds_config = deepspeed_config(cfg, world_size, use_gpu)
+    skip_shm_comm_op()
     # Adopt the existing process group now: zero.Init checks the batch arithmetic
     # against DeepSpeed's view of the world size.
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
