@@ -40,12 +40,13 @@ os.environ.update(RAY_ENV)
 # Processes Ray starts (job entrypoints run `python ...`) must find this interpreter and
 # its packages even when the venv is not activated (`make test` calls .venv/bin/python).
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-# That PATH also puts this environment's ninja first. DeepSpeed JIT-builds an op on its
-# first initialize (FIELD-NOTES: the shared-memory comm op, cached in TORCH_EXTENSIONS_DIR),
-# and ninja rebuilds from scratch a build another ninja version made (their build logs
-# differ): runs outside the tests (the system's ninja) and test sessions then rebuilt it in
-# turn, ~50 s each time, with every worker of a run waiting on the build's lock. The tests
-# keep their builds apart, one directory per environment.
+# That PATH also puts this environment's ninja first. DeepSpeed JIT-builds its C++ ops when
+# first used (cached in TORCH_EXTENSIONS_DIR; the shared-memory comm op it built on every
+# initialize is skipped since e2ba386, `engine.skip_shm_comm_op`), and ninja rebuilds from
+# scratch a build another ninja version made (their build logs differ): runs outside the
+# tests (the system's ninja) and test sessions then rebuilt in turn, ~50 s each time, with
+# every worker of a run waiting on the build's lock. The tests keep their builds apart, one
+# directory per environment.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(
     Path.home() / ".cache" / "torch_extensions" / f"tests-{hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]}"))
 # Every port a head node listens on is set, so two test sessions on one machine (set
