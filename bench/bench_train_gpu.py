@@ -17,6 +17,12 @@ the run resumed from.
     python bench/bench_train_gpu.py --size 6.7B --seq-len 8192 --micro-batch 1 --grad-accum 2 \
         --activation-checkpointing --cases z3x2,z3x4,z3x4+kill --steps 12 --warmup-steps 5
 
+A/B on one machine: `--base DIR` runs every case first from another tree of this project
+(the code to compare against), then from this one, and labels the base rows `case@base`:
+
+    git archive HEAD~1 --prefix=.ab-base/ | tar -x      # an ignored dir; carry it to the device
+    python bench/bench_train_gpu.py --base .ab-base --cases z2x1 --seq-len 8192 --micro-batch 2
+
 Data: a synthetic dataset in the curated format (no corpus or hub needed), vocab 50304.
 Every case is a real `python jobs/pretrain.py` subprocess (its own local Ray), so what is
 measured is the job users run. Steps before --warmup-steps are left out of the averages
@@ -58,6 +64,9 @@ def main() -> int:
                    help="passed to jobs/pretrain.py (e.g. 8-10); the profile summary is printed")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--work-dir", default="/tmp/bench_train_gpu")
+    p.add_argument("--base", type=Path, default=None,
+                   help="a tree of this project (e.g. from git archive) to run every case from first, "
+                        "as the A of an A/B on this machine")
     p.add_argument("--case-timeout", type=float, default=None,
                    help="seconds per case; a case stopped by it still reports the steps it logged, "
                         "and its workers' stacks (where a hung case waits)")
@@ -75,6 +84,12 @@ def main() -> int:
         write_synthetic_dataset(data, seq_len=args.seq_len, vocab_size=50304, train_rows=rows, val_rows=8,
                                 shards=2, row_group=64)
     rows = []
+    if args.base is not None:
+        args.base = args.base.resolve()
+        if not (args.base / "jobs" / "pretrain.py").is_file():
+            p.error(f"--base {args.base}: not a tree of this project (no jobs/pretrain.py)")
+        for tree in (args.base, REPO):  # which package each side really imports
+            print(f"{tree}: imports {package_file(tree, work)}", flush=True)
     cases = args.cases.split(",")
     for case in cases:
         if not CASE.fullmatch(case):
@@ -84,14 +99,37 @@ def main() -> int:
         if gpus > torch.cuda.device_count():
             print(f"skip {case}: needs {gpus} GPUs, have {torch.cuda.device_count()}")
             continue
-        rows.append(run_case(args, case, stage, gpus, data, work))
+        for tree in ([args.base] if args.base else []) + [REPO]:
+            rows.append(run_case(args, case, stage, gpus, data, work, tree))
         # the table so far after every case: a call cut short by its time limit keeps them
         print_table(rows, torch.cuda.get_device_name(), args)
     return 0
 
 
-def run_case(args, case: str, stage: int, gpus: int, data: Path, work: Path) -> dict:
-    name = f"bench-{case.replace('+', '-')}-{int(time.time())}"
+def tree_env(tree: Path, work: Path) -> dict[str, str]:
+    """The environment that runs `tree`'s code: for another tree, a directory on PYTHONPATH
+    whose `mamba_slm` links to it, ahead of this one (Ray's workers inherit PYTHONPATH)."""
+    env = dict(os.environ)
+    if tree != REPO:
+        pkg = work / "base-pkg"
+        pkg.mkdir(parents=True, exist_ok=True)
+        link = pkg / "mamba_slm"
+        if link.is_symlink() and link.resolve() != tree:
+            link.unlink()
+        if not link.is_symlink():
+            link.symlink_to(tree, target_is_directory=True)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pkg), env.get("PYTHONPATH", "")]))
+    return env
+
+
+def package_file(tree: Path, work: Path) -> str:
+    return subprocess.run([sys.executable, "-c", "import mamba_slm.model as m; print(m.__file__)"], cwd=tree,
+                          env=tree_env(tree, work), capture_output=True, text=True).stdout.strip()
+
+
+def run_case(args, case: str, stage: int, gpus: int, data: Path, work: Path, tree: Path = REPO) -> dict:
+    label = case if tree == REPO else f"{case}@base"
+    name = f"bench-{label.replace('+', '-').replace('@', '-')}-{int(time.time())}"
     out = work / name
     kill = "+kill" in case
     cmd = [sys.executable, "jobs/pretrain.py", "--training-config", "small_scale", "--size", args.size,
@@ -111,7 +149,7 @@ def run_case(args, case: str, stage: int, gpus: int, data: Path, work: Path) -> 
     print("$", " ".join(cmd), flush=True)
     t0 = time.time()
     # its own process group, so that a timeout also stops the local Ray the job started
-    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=tree, env=tree_env(tree, work), start_new_session=True)
     killed_at = None
     try:
         if kill:
@@ -137,7 +175,7 @@ def run_case(args, case: str, stage: int, gpus: int, data: Path, work: Path) -> 
     shutil.rmtree(work / "storage", ignore_errors=True)
     shutil.rmtree(out / "model", ignore_errors=True)
     steady = [r for r in records if r["step"] > args.warmup_steps and not r["skipped"]]
-    print(f"{case} losses by step: " + " ".join(f"{r['step']}:{r['loss']:.3f}" for r in records), flush=True)
+    print(f"{label} losses by step: " + " ".join(f"{r['step']}:{r['loss']:.3f}" for r in records), flush=True)
     for summary in sorted((out / "profile").glob("*.txt")):
         print(f"--- {summary}\n" + "\n".join(summary.read_text().splitlines()[:45]), flush=True)
     recovery = {}
@@ -152,14 +190,14 @@ def run_case(args, case: str, stage: int, gpus: int, data: Path, work: Path) -> 
         print(f"{case}: worker killed {'at ' + time.strftime('%X', time.localtime(killed_at)) if killed_at else 'never'}; "
               f"{recovery}", flush=True)
     if returncode not in (0, "timeout") or not steady:
-        return {"case": case, "stage": stage, "gpus": gpus, "error": f"exit {returncode}", "wall": wall, **recovery}
+        return {"case": label, "stage": stage, "gpus": gpus, "error": f"exit {returncode}", "wall": wall, **recovery}
     tps = statistics.median(r["tokens_per_s"] for r in steady)
     # wall clock from the first to the last steady step: what the step times leave out
     # (reports, logging, the fault-tolerance all-reduce) included
     wall_tps = ((steady[-1]["tokens_seen"] - steady[0]["tokens_seen"]) / (steady[-1]["time"] - steady[0]["time"])
                 if len(steady) > 1 else None)
     mfu = [r["mfu"] for r in steady if r["mfu"] is not None]
-    return {"case": case, "stage": stage, "gpus": gpus, "tokens_per_s": tps, "per_gpu": tps / gpus, "wall_tps": wall_tps,
+    return {"case": label, "stage": stage, "gpus": gpus, "tokens_per_s": tps, "per_gpu": tps / gpus, "wall_tps": wall_tps,
             "mfu": statistics.median(mfu) if mfu else None, "step_s": statistics.median(r["step_time_s"] for r in steady),
             "mem_alloc": max(r.get("mem_allocated_gb", 0) for r in records),
             "mem_reserved": max(r.get("mem_reserved_gb", 0) for r in records),
@@ -199,21 +237,21 @@ def print_worker_stacks(since: float, ray_tmp: str = "/tmp/ray") -> None:
 def print_table(rows: list[dict], device: str, args) -> None:
     print(f"\n{args.size}, seq {args.seq_len}, micro-batch {args.micro_batch} x accum {args.grad_accum} per GPU, "
           f"{args.steps} steps (median over steps > {args.warmup_steps}), {device}")
-    head = f"{'case':9} {'ZeRO':>4} {'GPUs':>4} {'tokens/s':>10} {'tok/s/GPU':>10} {'wall tok/s':>10} {'MFU':>6} {'step s':>7} " \
+    head = f"{'case':14} {'ZeRO':>4} {'GPUs':>4} {'tokens/s':>10} {'tok/s/GPU':>10} {'wall tok/s':>10} {'MFU':>6} {'step s':>7} " \
            f"{'alloc GB':>9} {'resv GB':>8} {'loss':>12} {'wall s':>7}"
     print(head + "\n" + "-" * len(head))
     for r in rows:
         if "error" in r:
-            print(f"{r['case']:9} {r['stage']:>4} {r['gpus']:>4}  FAILED ({r['error']}, {r['wall']:.0f}s)")
+            print(f"{r['case']:14} {r['stage']:>4} {r['gpus']:>4}  FAILED ({r['error']}, {r['wall']:.0f}s)")
             continue
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         wall = "n/a" if r["wall_tps"] is None else f"{r['wall_tps']:,.0f}"
-        print(f"{r['case']:9} {r['stage']:>4} {r['gpus']:>4} {r['tokens_per_s']:>10,.0f} {r['per_gpu']:>10,.0f} {wall:>10} "
+        print(f"{r['case']:14} {r['stage']:>4} {r['gpus']:>4} {r['tokens_per_s']:>10,.0f} {r['per_gpu']:>10,.0f} {wall:>10} "
               f"{mfu:>6} {r['step_s']:>7.2f} {r['mem_alloc']:>9.1f} {r['mem_reserved']:>8.1f} {r['loss']:>12} "
               f"{r['wall']:>7.0f}" + ("" if r["finished"] else "  (stopped by --case-timeout after these steps)"))
         if "killed" in r:
             rec = "n/a" if r.get("recovery_s") is None else f"{r['recovery_s']:.0f} s"
-            print(f"{'':9} worker SIGKILLed: {r['killed']}; kill -> next step {rec}; resumed from step {r.get('resumed_from')}; "
+            print(f"{'':14} worker SIGKILLed: {r['killed']}; kill -> next step {rec}; resumed from step {r.get('resumed_from')}; "
                   f"new group: start-up {r.get('startup_s')} s, engine build {r.get('engine_build_s')} s, "
                   f"checkpoint load {r.get('checkpoint_load_s')} s")
     print("tokens/s: median over steps of the step alone; wall tok/s: first to last steady step by the clock\n"
