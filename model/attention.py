@@ -203,10 +203,8 @@ class Attention(nn.Module):
         fixed shapes. One matmul for q|k|v when packed, then RoPE and the cache writes in
         one Triton kernel on a GPU (`rope_cache_update`), PyTorch otherwise."""
         b = x.shape[0]
-        packed = self.qkv.packed()
-        if packed is not None:
-            qkv = F.linear(x[:, 0], packed)
-        else:
+        qkv = self.qkv(x[:, 0])
+        if qkv is None:
             qkv = torch.cat([self.q_proj(x[:, 0]), self.k_proj(x[:, 0]), self.v_proj(x[:, 0])], dim=-1)
         update = rope_cache_update if self.use_kernel and triton is not None and x.is_cuda else rope_cache_update_ref
         q = update(qkv, state.rope, state.offset, state.k, state.v, self.n_heads, self.head_dim)  # (B, H, D)

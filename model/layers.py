@@ -94,26 +94,35 @@ class GatedRMSNorm(nn.Module):
 
 
 class PackedLinears:
-    """Bias-free `nn.Linear`s that read one input, made rows of one weight tensor so that
-    one matmul computes them all (one GEMV instead of two or three per decode step).
+    """Bias-free linears that read one input, made rows of one weight tensor so that one
+    matmul computes them all (one GEMV instead of two or three per decode step).
 
     The parameters stay separate (state dict, optimizers and converters see the same
     names) but become views of the packed tensor, so the packing costs no memory. It is
     used for inference only (`packed()` is None while autograd records: gradients would
     not reach the views), and it lapses by itself when a parameter stops being a view of
     it (`model.to(dtype)`, a LoRA or quantized module swapped in, DeepSpeed's flat buffers).
+    Besides `nn.Linear`, a module type with a `stack_rows(modules)` classmethod (INT8
+    weight-only, platform/post/quantize.py) packs into one module of its own type.
     """
 
     def __init__(self, owner: nn.Module, names: tuple[str, ...]):
         self.owner, self.names = owner, names  # owner holds this object, so no cycle issue
         self.weight: torch.Tensor | None = None
+        self.module: nn.Module | None = None  # the packed module, for stack_rows types
 
     def _linears(self) -> list[nn.Module]:
         return [getattr(self.owner, n) for n in self.names]
 
     def pack(self) -> None:
         linears = self._linears()
-        if self._valid() or any(type(m) is not nn.Linear or m.bias is not None for m in linears):
+        kind = type(linears[0])
+        if (self._valid() or any(type(m) is not kind or m.bias is not None for m in linears)
+                or not (kind is nn.Linear or hasattr(kind, "stack_rows"))):
+            return
+        if kind is not nn.Linear:
+            self.module = kind.stack_rows(linears)  # the members' buffers become views of its own
+            self.weight = self.module.weight
             return
         packed = torch.cat([m.weight.detach() for m in linears])
         start = 0
@@ -121,21 +130,28 @@ class PackedLinears:
             rows = m.weight.shape[0]
             m.weight.data = packed[start:start + rows]
             start += rows
-        self.weight = packed
+        self.weight, self.module = packed, None
 
     def _valid(self) -> bool:
         """Every weight still a view of the packed tensor (pack() made them so)."""
         if self.weight is None:
             return False
-        storage = self.weight.untyped_storage().data_ptr()
-        if any(type(m) is not nn.Linear or m.weight.untyped_storage().data_ptr() != storage for m in self._linears()):
-            self.weight = None  # lapsed: let the old storage go
+        storage, kind = self.weight.untyped_storage().data_ptr(), nn.Linear if self.module is None else type(self.module)
+        if any(type(m) is not kind or m.weight.untyped_storage().data_ptr() != storage for m in self._linears()):
+            self.weight = self.module = None  # lapsed: let the old storage go
             return False
         return True
 
     def packed(self) -> torch.Tensor | None:
         """The packed weight, or None (not packed, lapsed, or autograd recording)."""
         return None if torch.is_grad_enabled() or not self._valid() else self.weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The members' outputs side by side, from one matmul; None where not packed."""
+        weight = self.packed()
+        if weight is None:
+            return None
+        return F.linear(x, weight) if self.module is None else self.module(x)
 
 
 class SwiGLU(nn.Module):
@@ -150,9 +166,9 @@ class SwiGLU(nn.Module):
         self.gate_up = PackedLinears(self, ("gate_proj", "up_proj"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = self.gate_up.packed()
-        if packed is not None:
-            gate, up = F.linear(x, packed).chunk(2, dim=-1)
+        both = self.gate_up(x)
+        if both is not None:
+            gate, up = both.chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(silu_mul(gate, up))

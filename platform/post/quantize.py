@@ -87,6 +87,22 @@ class Int8Linear(nn.Module):
             q.bias = linear.bias.detach().float().clone()
         return q
 
+    @classmethod
+    @torch.no_grad()
+    def stack_rows(cls, linears: list["Int8Linear"]) -> "Int8Linear":
+        """One Int8Linear computing `linears` (bias-free, one input) side by side; their
+        weight and scale become views of its own (model/layers.py PackedLinears)."""
+        with torch.device("meta"):  # its buffers are set just below
+            packed = cls(linears[0].in_features, sum(m.out_features for m in linears), bias=False)
+        packed.weight = torch.cat([m.weight for m in linears])
+        packed.scale = torch.cat([m.scale for m in linears])
+        start = 0
+        for m in linears:
+            m.weight = packed.weight[start:start + m.out_features]
+            m.scale = packed.scale[start:start + m.out_features]
+            start += m.out_features
+        return packed
+
     def dequantized(self) -> torch.Tensor:
         return self.weight.float() * self.scale.float()[:, None]
 

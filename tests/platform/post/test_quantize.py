@@ -84,3 +84,28 @@ def test_int8_on_a_gpu_decodes_like_the_dequantized_model():
     eager = qmodel.generate(prompt, max_new_tokens=24, temperature=0, cuda_graphs=False)
     graph = qmodel.generate(prompt, max_new_tokens=24, temperature=0, cuda_graphs=True)
     assert torch.equal(graph, eager)
+
+
+def test_int8_projections_pack_for_decoding():
+    """pack_for_decoding stacks INT8 q|k|v and gate|up into one INT8 product each (the
+    members' buffers become views: no extra memory), with the unpacked model's outputs."""
+    from mamba_slm.model import HybridLM, ModelConfig
+
+    torch.manual_seed(0)
+    model = quantize_model(HybridLM(ModelConfig.from_name("tiny", layer_pattern="AMMA")), QuantConfig(bits=8))
+    ids = torch.randint(0, 4000, (1, 9))
+    with torch.no_grad():
+        want_logits = model(ids).logits
+        want = model.generate(ids, max_new_tokens=12, temperature=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    nbytes = weights_nbytes(model)
+    model.pack_for_decoding()
+    attn, mlp = model.layers[0].mixer, model.layers[0].feed_forward
+    assert isinstance(attn.qkv.module, Int8Linear) and isinstance(mlp.gate_up.module, Int8Linear)
+    assert attn.q_proj.weight.data_ptr() == attn.qkv.module.weight.data_ptr()
+    assert weights_nbytes(model) == nbytes and model.state_dict().keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    with torch.no_grad():
+        assert mlp.gate_up.packed() is not None
+        torch.testing.assert_close(model(ids).logits, want_logits, atol=1e-4, rtol=1e-4)
+        assert torch.equal(model.generate(ids, max_new_tokens=12, temperature=0), want)
