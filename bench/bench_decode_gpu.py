@@ -5,7 +5,9 @@ reference hybrid of the same shape with its CUDA-graph decoder, in one process.
 
 Every side: random weights in bf16, a random 128-token prompt, greedy decoding; the timed
 call is the second one (the first captures graphs and runs Triton's autotuning), and covers
-prefill plus `--new` tokens, as mamba-ssm's own `generate` timing does. Checks first: our
+prefill plus `--new` tokens, as mamba-ssm's own `generate` timing does (tokens_per_s). For
+our graph sides, step_ms / decode_tokens_per_s time the captured step alone, replayed after
+the prompt: decoding without the prompt's share. Checks first: our
 graph decode must give the same greedy tokens as our eager decode.
 
 The ceiling is the bytes one step must read (every weight once, except the embedding
@@ -167,6 +169,11 @@ def decode_rows(cfg: ModelConfig, prompt_len: int, new: int, sides: list[str]):
                 # the prompt alone, through the same decoder (its share of the per-token time)
                 prefill_ms = None if family == "mamba_ssm" else 1e3 * time_cuda(
                     lambda: generation.make_decoder(model, 1, prompt_len + new, graphs).prefill(prompt), 5) / 5
+                step_ms = None  # decoding alone: the captured step replayed after the prompt
+                if family != "mamba_ssm" and graphs:
+                    dec = generation.make_decoder(model, 1, prompt_len + new, True)
+                    dec.prefill(prompt)
+                    step_ms = 1e3 * time_cuda(dec.graph.replay, 100) / 100
         except Exception as exc:  # noqa: BLE001 - report the other sides all the same
             print(f"{side} failed: {exc!r}", flush=True)
             continue
@@ -175,7 +182,9 @@ def decode_rows(cfg: ModelConfig, prompt_len: int, new: int, sides: list[str]):
                 set_decode_levers(model, True)
         outs[side] = out[0, prompt_len:].tolist()
         rows.append(dict(side=side, tokens_per_s=round(new / second, 1), ms_per_token=round(second / new * 1e3, 3),
-                         prefill_ms=prefill_ms and round(prefill_ms, 1), first_call_s=round(first, 2),
+                         prefill_ms=prefill_ms and round(prefill_ms, 1),
+                         step_ms=step_ms and round(step_ms, 4), decode_tokens_per_s=step_ms and round(1e3 / step_ms, 1),
+                         first_call_s=round(first, 2),
                          params=sum(p.numel() for p in model.parameters()),
                          step_gb=None if family == "mamba_ssm" else round(step_bytes(model) / 1e9, 3)))
         print(json.dumps(rows[-1]), flush=True)
