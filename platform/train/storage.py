@@ -67,14 +67,14 @@ class RayCheckpoint:
         ckpt = ray.train.get_checkpoint()
         return cls(ckpt, stack) if ckpt is not None else None
 
-    @staticmethod
-    def registered_names() -> set[str]:
-        """Names of the checkpoints Ray Train holds for this run (registered, not pruned)."""
+    @classmethod
+    def registered(cls, stack: ExitStack) -> "dict[str, RayCheckpoint]":
+        """The checkpoints Ray Train holds for this run (registered, not pruned), by name."""
         import ray.train
 
         held = ray.train.get_all_reported_checkpoints(
             consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=REGISTERED_TIMEOUT_S)
-        return {Path(reported.checkpoint.path).name for reported in held}
+        return {Path(reported.checkpoint.path).name: cls(reported.checkpoint, stack) for reported in held}
 
     def local_dir(self) -> Path:
         if self._dir is None:
@@ -94,7 +94,7 @@ def find_resume_checkpoint(config: dict[str, Any], stack: ExitStack, resume_from
     choice, failure = None, None
     if rank == 0:
         try:
-            registered = None if config["local_mode"] else RayCheckpoint.registered_names()
+            registered = None if config["local_mode"] else RayCheckpoint.registered(stack)
             choice = choose_resume_checkpoint(run_dir, latest, resume_from, registered)
         except Exception as err:  # the others must not wait for a choice that never comes
             choice, failure = ResumeChoice(error=f"{type(err).__name__}: {err}"), err
@@ -103,7 +103,7 @@ def find_resume_checkpoint(config: dict[str, Any], stack: ExitStack, resume_from
         raise failure
     if choice.error:
         raise RuntimeError(f"rank 0 could not choose a checkpoint to resume from: {choice.error}")
-    return open_resume_checkpoint(choice, run_dir, latest, rank)
+    return open_resume_checkpoint(choice, run_dir, latest, rank, stack)
 
 
 def _order(name: str) -> tuple[int, int]:
@@ -111,12 +111,14 @@ def _order(name: str) -> tuple[int, int]:
 
 
 def choose_resume_checkpoint(run_dir: Path, latest: RayCheckpoint | None, resume_from: str,
-                             registered: set[str] | None) -> ResumeChoice:
-    """Rank 0's decision (reads storage, checks checksums). `registered`: the names Ray
-    Train holds (None in local mode, where Ray keeps no record and the loop prunes):
-    every other checkpoint in the run's directory is marked unregistered, good or damaged
-    (a worker or the driver died between its publish and Ray's registration), so that
-    `prune_unregistered` removes it by the keep-K rule; Ray prunes only what it holds."""
+                             registered: "dict[str, RayCheckpoint] | None") -> ResumeChoice:
+    """Rank 0's decision (reads storage, checks checksums). `registered`: the checkpoints
+    Ray Train holds, by name (None in local mode, where Ray keeps no record and the loop
+    prunes): every other checkpoint in the run's directory is marked unregistered, good or
+    damaged (a worker or the driver died between its publish and Ray's registration), so
+    that `prune_unregistered` removes it by the keep-K rule; Ray prunes only what it holds.
+    With a bucket, where nothing is listed here, a damaged latest falls back to the newest
+    intact older checkpoint Ray holds (each downloaded to be checked)."""
     listed = [ckpt.name for ckpt in checkpoints_newest_first(run_dir)]
     if registered is not None:
         for name in listed:
@@ -133,8 +135,18 @@ def choose_resume_checkpoint(run_dir: Path, latest: RayCheckpoint | None, resume
     if not reason:
         return ResumeChoice(latest.name, "run" if (run_dir / latest.name).is_dir() else "ray")
     if on_disk is None:
+        older = sorted((c for name, c in (registered or {}).items() if _order(name) < _order(latest.name)
+                        and not (run_dir / name).is_dir()), key=lambda c: _order(c.name), reverse=True)
+        for ckpt in older:  # a bucket's: listed nowhere here, so checked now
+            why = verify_checkpoint(ckpt.local_dir())
+            if not why:
+                log.warning("Ray Train's latest checkpoint %s is not usable (%s); resuming from %s, the newest "
+                            "intact one it holds", latest.name, reason, ckpt.name)
+                return ResumeChoice(ckpt.name, "ray")
+            log.warning("Ray Train's checkpoint %s is not usable either (%s)", ckpt.name, why)
         raise RuntimeError(f"Ray Train's latest checkpoint {latest.name} is not usable ({reason}) and no older "
-                           f"intact one is in {run_dir}; resume from a copy with --resume-from")
+                           f"intact one is in {run_dir} or among the {len(older)} older ones Ray holds; resume from "
+                           "a copy with --resume-from")
     log.warning("Ray Train's latest checkpoint %s is not usable (%s); resuming from %s", latest.name, reason,
                 on_disk.name)
     return ResumeChoice(on_disk.name, "run")
@@ -155,7 +167,7 @@ def _choose_resume_from(resume_from: str) -> ResumeChoice:
 
 
 def open_resume_checkpoint(choice: ResumeChoice, run_dir: Path, latest: RayCheckpoint | None,
-                           rank: int) -> Path | None:
+                           rank: int, stack: ExitStack) -> Path | None:
     """Collective: rank 0's choice opened under this worker's view of storage. If any
     worker cannot open it, every worker raises (one all-reduce: none is left waiting)."""
     if choice.name is None:  # the same on every rank: all skip the collective
@@ -164,9 +176,11 @@ def open_resume_checkpoint(choice: ResumeChoice, run_dir: Path, latest: RayCheck
     if choice.source == "ray":
         if latest is not None and latest.name == choice.name:
             path = latest.local_dir()
+        elif (older := RayCheckpoint.registered(stack).get(choice.name)) is not None:  # past a damaged latest
+            path = older.local_dir()
         else:
-            problem = (f"rank {rank}: Ray Train gave this worker checkpoint {latest and latest.name}, "
-                       f"not {choice.name}, which rank 0 chose to resume from")
+            problem = (f"rank {rank}: Ray Train holds no checkpoint {choice.name} for this worker, "
+                       "the one rank 0 chose to resume from")
     else:
         base = run_dir if choice.source == "run" else Path(choice.directory)
         path = base / choice.name

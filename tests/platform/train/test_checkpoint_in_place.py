@@ -83,6 +83,7 @@ def _resume_layout(root: Path) -> None:
     (root / "node1").mkdir()
     for node in (0, 1):  # with a bucket: Ray's checkpoint, downloaded once per node
         _sealed(root / f"download{node}", 6)
+        (root / f"download{node}" / "step_00000010").mkdir()  # a damaged one (unsealed) Ray holds
 
 
 def _resume(rank: int, world: int, root: str) -> dict[str, str | int]:
@@ -96,12 +97,14 @@ def _resume(rank: int, world: int, root: str) -> dict[str, str | int]:
     sha256_file = integrity.sha256_file
     integrity.sha256_file = lambda path, *a: hashed.append(path) or sha256_file(path, *a)
 
-    def resume(run_dir: Path, ray_latest: Path | None) -> str:
-        """As if Ray Train held (had registered) only `ray_latest`, a local directory (what
-        ray.train.Checkpoint.as_directory gives for one) or a node's download."""
-        ckpt = ray_latest and SimpleNamespace(path=str(ray_latest), as_directory=lambda: nullcontext(str(ray_latest)))
-        RayCheckpoint.latest = classmethod(lambda cls, stack: ckpt and cls(ckpt, stack))
-        RayCheckpoint.registered_names = staticmethod(lambda: {ray_latest.name} if ray_latest else set())
+    def resume(run_dir: Path, ray_latest: Path | None, older: tuple[Path, ...] = ()) -> str:
+        """As if Ray Train held (had registered) `ray_latest` and `older`, each a local
+        directory (what ray.train.Checkpoint.as_directory gives for one) or a node's download."""
+        def held(path):
+            return SimpleNamespace(path=str(path), as_directory=lambda: nullcontext(str(path)))
+        RayCheckpoint.latest = classmethod(lambda cls, stack: ray_latest and cls(held(ray_latest), stack))
+        RayCheckpoint.registered = classmethod(lambda cls, stack: {
+            path.name: cls(held(path), stack) for path in ([ray_latest] if ray_latest else []) + list(older)})
         try:
             with ExitStack() as stack:
                 return str(find_resume_checkpoint({"local_mode": False, "run_dir": str(run_dir)}, stack))
@@ -118,6 +121,10 @@ def _resume(rank: int, world: int, root: str) -> dict[str, str | int]:
     integrity.checkpoints_newest_first = storage.checkpoints_newest_first = listing
     out["own_disk"] = resume(root / f"node{rank}", ray_latest=None)
     out["bucket"] = resume(root / "bucket-not-mounted", ray_latest=root / f"download{rank}" / "step_00000006")
+    download = root / f"download{rank}"  # Ray's latest damaged: back to the older one Ray holds
+    out["bucket_fallback"] = resume(root / "bucket-not-mounted", ray_latest=download / "step_00000010",
+                                    older=(download / "step_00000006",))
+    out["bucket_none"] = resume(root / "bucket-not-mounted", ray_latest=download / "step_00000010")
     return out
 
 
@@ -132,6 +139,9 @@ def _assert_resumed(root: Path, got: dict[int, dict]) -> None:
     assert got[0]["own_disk"].startswith("RuntimeError: rank 1 cannot open checkpoint step_00000006")
     assert got[0]["bucket"] == str(root / "download0" / "step_00000006")
     assert got[1]["bucket"] == str(root / "download1" / "step_00000006")
+    for rank in (0, 1):
+        assert got[rank]["bucket_fallback"] == str(root / f"download{rank}" / "step_00000006")
+        assert got[rank]["bucket_none"].startswith("RuntimeError") and "--resume-from" in got[rank]["bucket_none"]
 
 
 def _each_rank(rank: int, world: int, root: str) -> dict:
@@ -159,7 +169,8 @@ def test_checkpoint_collectives_over_gloo(spawn_ranks, tmp_path):
     0 reads checksums and marks what Ray does not hold (6 and 8) for pruning. Storage on
     each node's own disk: rank 1 cannot open the name and says so (path, likely cause),
     and rank 0 stops too instead of waiting. A bucket: each rank opens its own node's
-    download of Ray's checkpoint."""
+    download of Ray's checkpoint; where Ray's latest is damaged, of the newest intact older
+    one Ray holds (none: every rank stops, naming --resume-from)."""
     _run(spawn_ranks, tmp_path, "gloo")
 
 
