@@ -88,6 +88,8 @@ def main() -> int:
         args.base = args.base.resolve()
         if not (args.base / "jobs" / "pretrain.py").is_file():
             p.error(f"--base {args.base}: not a tree of this project (no jobs/pretrain.py)")
+        if os.environ.get("RAY_ADDRESS"):  # workers of a running cluster would not get the base's PYTHONPATH
+            p.error("--base needs each case on its own local Ray: unset RAY_ADDRESS")
         for tree in (args.base, REPO):  # which package each side really imports
             print(f"{tree}: imports {package_file(tree, work)}", flush=True)
     cases = args.cases.split(",")
@@ -161,14 +163,18 @@ def run_case(args, case: str, stage: int, gpus: int, data: Path, work: Path, tre
         # so a case that hangs says where
         subprocess.run(["pkill", "-USR1", "-f", "RayTrainWorker"], check=False)
         time.sleep(10)
+        # the case's own processes, found before the kill reparents them: Ray's workers left
+        # the driver's process group and, still compiling on the GPU, ran beside the next case
+        doomed = descendants(proc.pid)
         os.killpg(proc.pid, signal.SIGKILL)
+        for pid in doomed:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         proc.wait()
         returncode = "timeout"
         print_worker_stacks(t0)
-        # Ray's worker processes outlive the driver's group for a while: one still compiling
-        # on the GPU ran beside the next case and slowed it (session 10)
-        subprocess.run(["pkill", "-9", "-f", "^ray::"], check=False)
-        time.sleep(5)
     wall = time.time() - t0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] \
         if (out / "metrics.jsonl").is_file() else []
@@ -187,7 +193,7 @@ def run_case(args, case: str, stage: int, gpus: int, data: Path, work: Path, tre
                     # the restarted group's start-up, from its first record (platform/train/loop.py)
                     **{k: next((r[k] for r in after if r.get(k) is not None), None)
                        for k in ("startup_s", "engine_build_s", "checkpoint_load_s")}}
-        print(f"{case}: worker killed {'at ' + time.strftime('%X', time.localtime(killed_at)) if killed_at else 'never'}; "
+        print(f"{label}: worker killed {'at ' + time.strftime('%X', time.localtime(killed_at)) if killed_at else 'never'}; "
               f"{recovery}", flush=True)
     if returncode not in (0, "timeout") or not steady:
         return {"case": label, "stage": stage, "gpus": gpus, "error": f"exit {returncode}", "wall": wall, **recovery}
@@ -220,6 +226,23 @@ def kill_a_worker_at(out: Path, step: int, proc: subprocess.Popen, t0: float, ti
                 return time.time()
         time.sleep(0.5)
     return None
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below `pid` (from /proc's parent links)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def print_worker_stacks(since: float, ray_tmp: str = "/tmp/ray") -> None:

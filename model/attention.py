@@ -108,9 +108,8 @@ def build_document_block_mask(seq_idx: torch.Tensor, block: int = 128):
     causal = torch.ones(nb, nb, dtype=torch.bool, device=seq_idx.device).tril()
     meet = causal & (k_lo <= q_hi) & (q_lo <= k_hi)  # (B, nb q-blocks, nb kv-blocks)
     full = meet & (q_lo == q_hi) & (k_lo == k_hi) & (q_lo == k_lo) & causal.tril(-1)
-    if pad:  # the padded last block never counts as full (flex_attention masks past T itself)
+    if pad:  # the padded last query block never counts as full (flex_attention masks past T)
         full[:, -1, :] = False
-        full[:, :, -1] = False
     partial = meet & ~full
 
     def ordered(dense: torch.Tensor):  # (B, nb, nb) -> counts (B, 1, nb), indices (B, 1, nb, nb)

@@ -141,10 +141,10 @@ class Decoder:
 
 def graph_decoder(model, batch: int, max_len: int) -> Decoder:
     """The model's CUDA-graph decoder for this shape, captured on first use and reused
-    while the batch, cache length, autocast and parameter storage stay the same."""
+    while the batch, cache length, autocast and the storage of parameters and buffers stay the same."""
     model.pack_for_decoding()  # before the key: packing moves the weights once
     key = (batch, max_len, torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
-           tuple(p.data_ptr() for p in model.parameters()))
+           tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers())))  # INT8 weights are buffers
     decoder = _GRAPH_DECODERS.get(model)
     if decoder is None or decoder.key != key:
         _GRAPH_DECODERS.pop(model, None)  # free the old graph and cache before making a new one

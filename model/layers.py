@@ -133,11 +133,18 @@ class PackedLinears:
         self.weight, self.module = packed, None
 
     def _valid(self) -> bool:
-        """Every weight still a view of the packed tensor (pack() made them so)."""
+        """Every weight (and, for a packed module, every buffer) still a view of the packed
+        one (pack() made them so)."""
         if self.weight is None:
             return False
-        storage, kind = self.weight.untyped_storage().data_ptr(), nn.Linear if self.module is None else type(self.module)
-        if any(type(m) is not kind or m.weight.untyped_storage().data_ptr() != storage for m in self._linears()):
+        if self.module is None:
+            packed = {"weight": self.weight}
+        else:
+            packed = {name: t for name, t in self.module.named_buffers(recurse=False) if t is not None}
+        kind = nn.Linear if self.module is None else type(self.module)
+        if any(type(m) is not kind or any(getattr(m, name) is None or getattr(m, name).untyped_storage().data_ptr()
+                                          != t.untyped_storage().data_ptr() for name, t in packed.items())
+               for m in self._linears()):
             self.weight = self.module = None  # lapsed: let the old storage go
             return False
         return True

@@ -119,8 +119,9 @@ class Int8Linear(nn.Module):
 
 
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (M, K) bf16 @ (weight (N, K) int8 * scale (N,)).T, in x's dtype."""
-    return (x @ weight.to(x.dtype).t()) * scale
+    """x (M, K) bf16 @ (weight (N, K) int8 * scale (N,)).T, in x's dtype (the scale applied
+    in float32, one rounding)."""
+    return ((x @ weight.to(x.dtype).t()).float() * scale.float()).to(x.dtype)
 
 
 _compiled_gemv = None

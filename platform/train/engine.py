@@ -95,7 +95,7 @@ def skip_shm_comm_op() -> None:
 
     # by name: the attribute `deepspeed.comm.torch` is PyTorch itself (comm imports torch)
     ds_comm = importlib.import_module("deepspeed.comm.torch")
-    if hasattr(ds_comm, "build_shm_op"):  # another DeepSpeed version: it builds as before
+    if hasattr(ds_comm, "build_shm_op"):  # (a DeepSpeed without it builds whatever it builds)
         ds_comm.build_shm_op = lambda: None
 
 

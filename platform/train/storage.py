@@ -91,7 +91,7 @@ def find_resume_checkpoint(config: dict[str, Any], stack: ExitStack, resume_from
     rank = dist.get_rank() if dist.is_initialized() else 0
     run_dir = Path(config["run_dir"])
     latest = None if config["local_mode"] else RayCheckpoint.latest(stack)
-    choice, failure = None, None
+    choice, failure, registered = None, None, None
     if rank == 0:
         try:
             registered = None if config["local_mode"] else RayCheckpoint.registered(stack)
@@ -103,7 +103,7 @@ def find_resume_checkpoint(config: dict[str, Any], stack: ExitStack, resume_from
         raise failure
     if choice.error:
         raise RuntimeError(f"rank 0 could not choose a checkpoint to resume from: {choice.error}")
-    return open_resume_checkpoint(choice, run_dir, latest, rank, stack)
+    return open_resume_checkpoint(choice, run_dir, latest, rank, stack, registered)
 
 
 def _order(name: str) -> tuple[int, int]:
@@ -137,12 +137,17 @@ def choose_resume_checkpoint(run_dir: Path, latest: RayCheckpoint | None, resume
     if on_disk is None:
         older = sorted((c for name, c in (registered or {}).items() if _order(name) < _order(latest.name)
                         and not (run_dir / name).is_dir()), key=lambda c: _order(c.name), reverse=True)
-        for ckpt in older:  # a bucket's: listed nowhere here, so checked now
-            why = verify_checkpoint(ckpt.local_dir())
+        for ckpt in older:  # a bucket's: listed nowhere here, so downloaded and checked now
+            probe = ExitStack()  # holds this candidate's download
+            candidate = RayCheckpoint(ckpt.checkpoint, probe)
+            why = verify_checkpoint(candidate.local_dir())
             if not why:
+                ckpt.stack.push(probe)  # kept until the caller's stack closes, and opened from there
+                registered[ckpt.name] = candidate
                 log.warning("Ray Train's latest checkpoint %s is not usable (%s); resuming from %s, the newest "
                             "intact one it holds", latest.name, reason, ckpt.name)
                 return ResumeChoice(ckpt.name, "ray")
+            probe.close()  # a damaged one's download goes at once
             log.warning("Ray Train's checkpoint %s is not usable either (%s)", ckpt.name, why)
         raise RuntimeError(f"Ray Train's latest checkpoint {latest.name} is not usable ({reason}) and no older "
                            f"intact one is in {run_dir} or among the {len(older)} older ones Ray holds; resume from "
@@ -167,20 +172,26 @@ def _choose_resume_from(resume_from: str) -> ResumeChoice:
 
 
 def open_resume_checkpoint(choice: ResumeChoice, run_dir: Path, latest: RayCheckpoint | None,
-                           rank: int, stack: ExitStack) -> Path | None:
+                           rank: int, stack: ExitStack,
+                           registered: "dict[str, RayCheckpoint] | None" = None) -> Path | None:
     """Collective: rank 0's choice opened under this worker's view of storage. If any
-    worker cannot open it, every worker raises (one all-reduce: none is left waiting)."""
+    worker cannot open it, every worker raises (one all-reduce: none is left waiting).
+    `registered`: rank 0's checkpoints of Ray (their downloads reused); other ranks ask Ray."""
     if choice.name is None:  # the same on every rank: all skip the collective
         return None
     path, problem = None, ""
     if choice.source == "ray":
-        if latest is not None and latest.name == choice.name:
-            path = latest.local_dir()
-        elif (older := RayCheckpoint.registered(stack).get(choice.name)) is not None:  # past a damaged latest
-            path = older.local_dir()
-        else:
-            problem = (f"rank {rank}: Ray Train holds no checkpoint {choice.name} for this worker, "
-                       "the one rank 0 chose to resume from")
+        try:  # a failure here must reach the all-reduce below, not leave the others waiting in it
+            if latest is not None and latest.name == choice.name:
+                path = latest.local_dir()
+            elif (older := (registered if registered is not None else RayCheckpoint.registered(stack))
+                  .get(choice.name)) is not None:  # past a damaged latest
+                path = older.local_dir()
+            else:
+                problem = (f"rank {rank}: Ray Train holds no checkpoint {choice.name} for this worker, "
+                           "the one rank 0 chose to resume from")
+        except Exception as err:  # noqa: BLE001 - reported to every rank below
+            problem = f"rank {rank} could not open Ray Train's checkpoint {choice.name}: {type(err).__name__}: {err}"
     else:
         base = run_dir if choice.source == "run" else Path(choice.directory)
         path = base / choice.name

@@ -109,3 +109,5 @@ def test_int8_projections_pack_for_decoding():
         assert mlp.gate_up.packed() is not None
         torch.testing.assert_close(model(ids).logits, want_logits, atol=1e-4, rtol=1e-4)
         assert torch.equal(model.generate(ids, max_new_tokens=12, temperature=0), want)
+        mlp.gate_proj.scale = mlp.gate_proj.scale * 2  # a member's scale replaced: the packing lapses
+        assert mlp.gate_up.packed() is None and mlp.gate_up(ids.float()) is None
