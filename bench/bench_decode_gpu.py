@@ -29,6 +29,7 @@ import torch
 from bench_model_gpu import build, kernel_profile, print_table
 from mamba_slm.model import ModelConfig
 from mamba_slm.model import generation
+from mamba_slm.model.layers import allow_recompiles
 from mamba_slm.platform.post.quantize import QuantConfig, quantize_model, weights_nbytes
 
 
@@ -89,11 +90,7 @@ def inductor_gemv():
     which lowers it to a reduction kernel instead of a cuBLAS GEMV (torch/_inductor/
     decomposition.py, `mm`: "our matrix vector multiplies only achieve peak bandwidth with
     coordinate descent tuning"; gpt-fast decodes this way). One compile per weight shape."""
-    import torch._dynamo
-
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
+    allow_recompiles(64)
     # x @ w.T, not F.linear: `gemv_linears` replaces F.linear with a call of this function
     return torch.compile(lambda x, w: x @ w.t(), dynamic=False,
                          options={"coordinate_descent_tuning": True})

@@ -17,12 +17,16 @@ COMPILE_ON_GPU = os.environ.get("MAMBA_SLM_COMPILE", "1") != "0"
 log = logging.getLogger(__name__)
 
 
-def fused_on_gpu(fn):
+def fused_on_gpu(fn=None, *, recompiles: int = 0, **compile_options):
     """`fn` compiled by torch.compile when its first argument is a CUDA tensor (compiled
     on first use, recompiled per dtype and, after the first change, shape-generic); the
     plain function on a CPU, when COMPILE_ON_GPU is off, or inside an outer compile. If
     compiling fails (say, no C compiler for Triton's launcher), it warns once and stays
-    with the plain function."""
+    with the plain function. With arguments (`@fused_on_gpu(dynamic=False, ...)`), they go
+    to torch.compile (after fullgraph=True), and `recompiles` lets dynamo keep that many
+    graphs of a function (one per weight shape, say) before it falls back to eager."""
+    if fn is None:
+        return functools.partial(fused_on_gpu, recompiles=recompiles, **compile_options)
     compiled = None
 
     @functools.wraps(fn)
@@ -31,7 +35,8 @@ def fused_on_gpu(fn):
         if not (COMPILE_ON_GPU and args[0].is_cuda) or torch.compiler.is_compiling():
             return fn(*args)
         if compiled is None:
-            compiled = torch.compile(fn, fullgraph=True)
+            allow_recompiles(recompiles)
+            compiled = torch.compile(fn, **{"fullgraph": True, **compile_options})
         try:
             return compiled(*args)
         except Exception as exc:  # noqa: BLE001 - a speed-up only; the plain function is exact
@@ -42,6 +47,16 @@ def fused_on_gpu(fn):
             compiled = fn
             return fn(*args)
     return wrapper
+
+
+def allow_recompiles(n: int) -> None:
+    """Raise dynamo's per-function recompile limit (8 by default; past it a new shape runs
+    uncompiled) to at least `n`."""
+    if n > 0:
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, n)
+
 
 try:  # Triton RMSNorm from mamba-ssm: saves only the input and 1/rms for backward
     from mamba_ssm.ops.triton.layer_norm import rms_norm_fn

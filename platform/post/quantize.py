@@ -31,7 +31,6 @@ it (strict load), `mamba_slm.platform.post.loading.load_model_dir` loads either 
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,8 +42,7 @@ from safetensors.torch import load_file, save_file
 
 from mamba_slm.model import HybridLM, ModelConfig
 from mamba_slm.model.io import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load_config
-
-log = logging.getLogger(__name__)
+from mamba_slm.model.layers import fused_on_gpu
 
 BITS = (8, 4)
 COMPUTE_DTYPE = torch.bfloat16
@@ -124,29 +122,13 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
     return ((x @ weight.to(x.dtype).t()).float() * scale.float()).to(x.dtype)
 
 
-_compiled_gemv = None
-
-
+@fused_on_gpu(recompiles=64, dynamic=False, options={"coordinate_descent_tuning": True})
 def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """`int8_matmul` of one row on a GPU, compiled per weight shape: inductor lowers a
     one-row matmul to a reduction kernel (tuned by coordinate descent) into which the int8
     -> bf16 conversion fuses, so each weight byte is read once, as int8 (gpt-fast's INT8
     decode). Compiled on first use of a shape, which a CUDA-graph decoder's warm-up step
     does before capture; if compiling fails, it warns once and stays eager."""
-    global _compiled_gemv
-    if _compiled_gemv is None:
-        import torch._dynamo
-
-        for name in ("recompile_limit", "cache_size_limit"):  # one graph per weight shape
-            if hasattr(torch._dynamo.config, name):
-                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
-        _compiled_gemv = torch.compile(int8_matmul, dynamic=False, options={"coordinate_descent_tuning": True})
-    if _compiled_gemv is not int8_matmul:
-        try:
-            return _compiled_gemv(x, weight, scale)
-        except Exception as exc:  # noqa: BLE001 - a speed-up only; the eager product is exact
-            log.warning("torch.compile of the INT8 GEMV failed (%r); running it eagerly", exc)
-            _compiled_gemv = int8_matmul
     return int8_matmul(x, weight, scale)
 
 

@@ -26,6 +26,8 @@ import logging
 import torch
 import torch.nn as nn
 
+from mamba_slm.model.layers import allow_recompiles
+
 log = logging.getLogger(__name__)
 
 MIN_CAPABILITY = (8, 9)
@@ -81,7 +83,7 @@ def apply_float8(model: nn.Module, compile_modules: bool | None = None) -> list[
         # whatever the number of layers. Past dynamo's recompile limit (8 by default) the
         # rest would run uncompiled, slower than bf16: allow one per shape and then some.
         shapes = {(model.get_submodule(n).in_features, model.get_submodule(n).out_features) for n in swapped}
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(shapes) + 8)
+        allow_recompiles(4 * len(shapes) + 8)
         forward = torch.compile(type(model.get_submodule(swapped[0])).forward)
         for name in swapped:
             mod = model.get_submodule(name)
