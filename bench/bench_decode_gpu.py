@@ -189,9 +189,8 @@ def decode_rows(cfg: ModelConfig, prompt_len: int, new: int, sides: list[str]):
                          step_gb=None if family == "mamba_ssm" else round(step_bytes(model) / 1e9, 3)))
         print(json.dumps(rows[-1]), flush=True)
     models.pop("mamba_ssm", None)
-    models.pop("ours_int8", None)
     torch.cuda.empty_cache()
-    return rows, models.get("ours"), outs, prompt
+    return rows, models, outs, prompt
 
 
 @torch.no_grad()
@@ -343,7 +342,11 @@ def main(argv=None) -> int:
     bw = copy_bandwidth_tbs()
     print(f"device: {dev}, torch {torch.__version__}, copy bandwidth {bw:.2f} TB/s", flush=True)
     cfg = ModelConfig.from_name(args.size)
-    rows, ours, outs, prompt = decode_rows(cfg, args.prompt, args.new, args.sides)
+    rows, models, outs, prompt = decode_rows(cfg, args.prompt, args.new, args.sides)
+    ours, ours_int8 = models.get("ours"), models.pop("ours_int8", None)
+    if not args.profile:
+        ours_int8 = None
+        torch.cuda.empty_cache()
     status = 0
     for side in ("ours_graphs_unfused", "ours_graphs", "ours_graphs_gemv"):
         if "ours_eager" in outs and side in outs:
@@ -384,6 +387,14 @@ def main(argv=None) -> int:
             print_table(parts)
         except Exception as exc:  # noqa: BLE001 - extra information; the table still prints
             print(f"profile failed: {exc!r}", flush=True)
+    if args.profile and ours_int8 is not None:
+        try:  # the INT8 step's kernels (its parts' table above is bf16's)
+            dec = generation.graph_decoder(ours_int8, 1, 512)
+            dec.prefill(prompt)
+            table, launches = kernel_profile(dec.graph.replay, calls=10, rows=18)
+            print(f"\nINT8 step: kernels per step (profiler, 10 replays): {launches:.0f}\n{table}")
+        except Exception as exc:  # noqa: BLE001 - extra information
+            print(f"INT8 profile failed: {exc!r}", flush=True)
     print(f"\ndecode, {args.size}, batch 1, prompt {args.prompt}, {args.new} new tokens, bf16, greedy; "
           f"{dev}; weights read per step {bf16_bytes / 1e9:.2f} GB (bf16)")
     print_table(rows)

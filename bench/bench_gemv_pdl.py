@@ -1,7 +1,7 @@
 """Batch-1 decode GEMVs on one GPU: cuBLAS vs a Triton GEMV, plain, with Programmatic
 Dependent Launch (PDL, sm90+), and with PDL plus weight prefetch.
 
-    python bench/bench_gemv_pdl.py [--preset 1.3B] [--glue both|on|off] [--replays 200]
+    python bench/bench_gemv_pdl.py [--preset 1.3B] [--glue both|on|off] [--replays 200] [--weights int8]
 
 The chain is the ~97 GEMVs of one decode step, each weight its own bf16 tensor (~2.7 GB for
 1.3B: nothing stays in L2); each reads the previous output sliced to its K, optionally via
@@ -13,6 +13,9 @@ Triton 3.6 (python/tutorials/11-programmatic-dependent-launch.py): the launch kw
 `launch_pdl=True`; in the kernel `tl.extra.cuda.gdc_wait()` / `gdc_launch_dependents()`.
 Block sizes: a small per-shape sweep with a cold L2, not triton.autotune (which must not
 run inside a graph capture). tok/s = 1000 / (chain ms + --rest-ms, the non-GEMV rest).
+`--weights int8`: INT8 weight-only (int8 codes, a bf16 scale per row, as
+platform/post/quantize.py's Int8Linear), half the bytes; the first row is then the
+project's inductor GEMV (`int8_gemv`) instead of cuBLAS.
 """
 from __future__ import annotations
 
@@ -28,16 +31,18 @@ import triton
 import triton.language as tl
 
 SWEEP = ((2, 1024, 4), (2, 2048, 4), (4, 1024, 4), (4, 2048, 8), (8, 1024, 8), (8, 2048, 8))
+SWEEP_INT8 = SWEEP + ((4, 4096, 8), (8, 4096, 8), (16, 2048, 8))  # int8 rows are half as wide in bytes
 # 1.3B preset of mamba_slm.model.ModelConfig, used when the package is not importable.
 FALLBACK_1P3B = dict(layer_pattern="AMMMMMAMMMMAMMMMAMMMMMAA", hidden=2048, mlp=4864,
                      mamba_in=8512, mamba_inner=4096, attn_qkv=3072, attn_o_in=2048, vocab=50304)
 
 
 @triton.jit
-def gemv_kernel(w_ptr, x_ptr, y_ptr, N, K, stride_wn,
+def gemv_kernel(w_ptr, x_ptr, y_ptr, s_ptr, N, K, stride_wn,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                USE_PDL: tl.constexpr, PREFETCH: tl.constexpr):
-    """y[rows] = W[rows, :] @ x for BLOCK_N rows; fp32 accumulate, output in y's dtype."""
+                USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """y[rows] = W[rows, :] @ x for BLOCK_N rows; fp32 accumulate, output in y's dtype;
+    with HAS_SCALE (int8 W) times the row's scale."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_K)
     row_ok = rows < N
@@ -61,7 +66,10 @@ def gemv_kernel(w_ptr, x_ptr, y_ptr, N, K, stride_wn,
         w = tl.load(w_rows + k[None, :], mask=row_ok[:, None] & (k[None, :] < K), other=0.0)
         x = tl.load(x_ptr + k, mask=k < K, other=0.0)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-    tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok)
+    y = tl.sum(acc, axis=1)
+    if HAS_SCALE:
+        y = y * tl.load(s_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
 @triton.jit
@@ -83,17 +91,28 @@ class Variant:
     prefetch: bool = False
 
 
+INT8_GEMV = None  # --weights int8: mamba_slm's int8_gemv, set in main
 VARIANTS = (Variant("cublas", False), Variant("triton", True),
             Variant("pdl", True, pdl=True), Variant("pdl+prefetch", True, pdl=True, prefetch=True))
 
 
-def gemv(w, x, y, cfg, variant: Variant) -> None:
+def gemv(w, x, y, cfg, variant: Variant, scale=None) -> None:
     n, k = w.shape
     block_n, block_k, num_warps = cfg
     launch = {"launch_pdl": True} if variant.pdl else {}
-    gemv_kernel[(triton.cdiv(n, block_n),)](w, x, y, n, k, w.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
+    gemv_kernel[(triton.cdiv(n, block_n),)](w, x, y, w if scale is None else scale, n, k, w.stride(0),
+                                            BLOCK_N=block_n, BLOCK_K=block_k,
                                             USE_PDL=variant.pdl, PREFETCH=variant.prefetch,
-                                            num_warps=num_warps, **launch)
+                                            HAS_SCALE=scale is not None, num_warps=num_warps, **launch)
+
+
+def inductor_int8_gemv():
+    """The project's INT8 one-row product (inductor-compiled), or None if not importable."""
+    try:
+        from mamba_slm.platform.post.quantize import int8_gemv
+    except ImportError:
+        return None
+    return int8_gemv
 
 
 def decode_shapes(preset: str) -> tuple[str, list[tuple[str, int, int]], str]:
@@ -126,15 +145,20 @@ def decode_shapes(preset: str) -> tuple[str, list[tuple[str, int, int]], str]:
 class Chain:
     """Weights, input and per-step buffers of one decode step's GEMVs."""
 
-    def __init__(self, steps, device="cuda", dtype=torch.bfloat16):
+    def __init__(self, steps, device="cuda", dtype=torch.bfloat16, int8=False):
         g = torch.Generator(device=device).manual_seed(0)
         # N(0, 1/K) keeps the activations' scale along the chain (no norms in between).
         self.weights = [torch.randn(n, k, device=device, dtype=dtype, generator=g) * k ** -0.5
                         for _, n, k in steps]
+        self.scales = [None] * len(steps)
+        if int8:  # per-row absmax codes, as Int8Linear.from_linear
+            self.scales = [(w.float().abs().amax(1) / 127).to(dtype) for w in self.weights]
+            self.weights = [torch.round(w.float() / s.float()[:, None]).clamp(-127, 127).to(torch.int8)
+                            for w, s in zip(self.weights, self.scales)]
         self.x0 = torch.randn(steps[0][2], device=device, dtype=dtype, generator=g)
         self.outs = [torch.empty(n, device=device, dtype=dtype) for _, n, _ in steps]
         self.xbufs = [torch.empty(k, device=device, dtype=dtype) for _, _, k in steps]
-        self.bytes = sum(w.numel() * w.element_size() for w in self.weights)
+        self.bytes = sum(t.numel() * t.element_size() for t in self.weights + self.scales if t is not None)
 
     def run(self, variant: Variant, configs: dict, use_glue: bool) -> torch.Tensor:
         prev = None
@@ -150,8 +174,10 @@ class Chain:
             else:
                 x = prev[:k]
             if variant.triton:
-                gemv(w, x, self.outs[i], configs[tuple(w.shape)], variant)
+                gemv(w, x, self.outs[i], configs[tuple(w.shape)], variant, self.scales[i])
                 prev = self.outs[i]
+            elif self.scales[i] is not None:
+                prev = INT8_GEMV(x[None], w, self.scales[i])[0]
             else:
                 prev = F.linear(x[None], w)[0]
         return prev
@@ -167,7 +193,8 @@ class Chain:
             x = self.x0 if i == 0 else self.xbufs[i] if use_glue else self.outs[i - 1][:k]
             if i and use_glue and not torch.equal(x, self.outs[i - 1][:k]):
                 return float("inf")
-            want = torch.mv(w.float(), x.float())
+            wf = w.float() if self.scales[i] is None else w.float() * self.scales[i].float()[:, None]
+            want = torch.mv(wf, x.float())
             errs.append((self.outs[i].float() - want).abs().max() / want.abs().max())
         return torch.stack(errs).nan_to_num(nan=float("inf")).max().item()
 
@@ -219,10 +246,10 @@ def sweep(chain: Chain, variant: Variant, flush: torch.Tensor) -> dict:
     for (n, k), idx in by_shape.items():
         x = torch.randn(k, device="cuda", dtype=torch.bfloat16)
         results = []
-        for cfg in SWEEP:
+        for cfg in SWEEP_INT8 if chain.scales[0] is not None else SWEEP:
             def fn(cfg=cfg):
                 for i in idx:
-                    gemv(chain.weights[i], x, chain.outs[i], cfg, variant)
+                    gemv(chain.weights[i], x, chain.outs[i], cfg, variant, chain.scales[i])
             try:
                 graph, _ = capture(fn)
                 results.append((median_ms(graph.replay, 1, 7, flush) / len(idx), cfg))
@@ -233,7 +260,7 @@ def sweep(chain: Chain, variant: Variant, flush: torch.Tensor) -> dict:
             raise RuntimeError(f"no config of SWEEP ran for {n}x{k}")
         us, best[(n, k)] = min(results)
         print(f"  sweep {variant.name:13s} {n:6d}x{k:<5d} x{len(idx):2d}: BLOCK_N,BLOCK_K,warps="
-              f"{best[(n, k)]}  {1e3 * us:6.1f} us/GEMV  {2 * n * k / (us * 1e6):6.0f} GB/s", flush=True)
+              f"{best[(n, k)]}  {1e3 * us:6.1f} us/GEMV  {chain.weights[idx[0]].element_size() * n * k / (us * 1e6):6.0f} GB/s", flush=True)
     return best
 
 
@@ -301,7 +328,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5, help="timing rounds (the median is reported)")
     p.add_argument("--rest-ms", type=float, default=0.24,
                    help="non-GEMV GPU time of a decode step, for the tok/s column")
+    p.add_argument("--weights", choices=("bf16", "int8"), default="bf16",
+                   help="int8: INT8 weight-only, a bf16 scale per row; the first row is the project's int8_gemv")
     args = p.parse_args()
+    global INT8_GEMV
     if not torch.cuda.is_available():
         print("bench_gemv_pdl: no CUDA GPU visible; this benchmark needs one (an H200).", file=sys.stderr)
         sys.exit(2)
@@ -310,7 +340,11 @@ def main() -> None:
     print(f"device {torch.cuda.get_device_name()} (sm{cap[0]}{cap[1]}), torch {torch.__version__}, "
           f"triton {triton.__version__}", flush=True)
     pattern, steps, source = decode_shapes(args.preset)
-    chain = Chain(steps)
+    chain = Chain(steps, int8=args.weights == "int8")
+    variants = VARIANTS
+    if args.weights == "int8":
+        INT8_GEMV = inductor_int8_gemv()
+        variants = VARIANTS[1:] if INT8_GEMV is None else (Variant("int8_gemv", False),) + VARIANTS[1:]
     print(f"shapes from {source}; pattern {pattern}; {len(steps)} GEMVs, {chain.bytes / 1e9:.2f} GB "
           f"of weights; distinct (N, K): {sorted({(n, k) for _, n, k in steps})}", flush=True)
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
@@ -324,7 +358,7 @@ def main() -> None:
     rows, ref = [ROW.format("copy ceiling", "-", ceiling_ms, copy_gbs, 1.0, 1e3 / (ceiling_ms + args.rest_ms),
                             0.0, 0.0, "weights / copy bandwidth")], []
     print(HEADER + "\n" + rows[0], flush=True)
-    for variant in VARIANTS:
+    for variant in variants:
         if variant.pdl and no_pdl:
             rows.append(f"{variant.name:13s} skipped: {no_pdl}")
             continue
