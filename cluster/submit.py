@@ -17,7 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from kubernetes import client
+try:
+    from kubernetes import client
+except ImportError:  # the [cluster] extra: rendering and --dry-run do without it (jobs/launch.py)
+    client = None
 
 from mamba_slm.cluster.security import security_violations
 

@@ -76,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: skipping {', '.join(skipped)} (runs model-written code; "
                   f"add --allow-code-execution to include it)", file=sys.stderr)
     to_run = [b for b in chosen if b.task not in skipped]
+    if to_run:
+        from mamba_slm.platform.extras import missing_extra
+
+        if msg := missing_extra("eval", what="--benchmarks (lm-eval runs them)"):
+            parser.error(msg)
 
     device = args.device
     loaded = None
@@ -118,10 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"perplexity on {args.perplexity} [{args.split}]: loss {p['loss']:.4f}  ppl {p['ppl']:.3f}  "
               f"({p['tokens']} tokens, {p['rows']} rows)")
     if args.output:
-        from lm_eval.utils import handle_non_serializable
+        default = str  # lm-eval's results hold numpy values and callables; a perplexity report does not
+        if results:
+            from lm_eval.utils import handle_non_serializable as default
         out = {**(dict(results) if results else {}), "mamba_slm": report}
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(out, indent=2, default=handle_non_serializable))
+        args.output.write_text(json.dumps(out, indent=2, default=default))
         print(f"wrote {args.output}")
     return 0
 

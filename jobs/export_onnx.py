@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from mamba_slm.model.io import TOKENIZER_FILE
+from mamba_slm.platform.extras import missing_extra
 from mamba_slm.platform.post.loading import load_model_dir
 from mamba_slm.platform.post.onnx_export import OnnxLM, export_onnx, max_logit_diff
 
@@ -44,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--output {args.output}: give a file name ending in .onnx")
     if args.max_chunks is not None and args.max_chunks < 1:
         parser.error(f"--max-chunks {args.max_chunks} must be positive")
+    # torch.onnx's exporter needs onnx and onnxscript; the check runs the file in onnxruntime
+    if msg := missing_extra("post", ("onnx", "onnxscript") + (("onnxruntime",) if args.check else ()),
+                            what="the ONNX export" + (" with its onnxruntime check" if args.check else "")):
+        parser.error(msg)
     try:
         loaded = load_model_dir(args.checkpoint)
     except (FileNotFoundError, ValueError) as exc:

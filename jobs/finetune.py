@@ -91,6 +91,10 @@ def make_job(args, parser):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from mamba_slm.platform.extras import missing_extra
+
+    if msg := missing_extra("post", ("peft",), what="LoRA fine-tuning"):
+        parser.error(msg)
     job, n = make_job(args, parser)
     from mamba_slm.platform.post.finetune import run_finetune
 

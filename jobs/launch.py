@@ -19,6 +19,7 @@ from pathlib import Path
 from mamba_slm.cluster.manifests import render_raycluster, render_rayjob
 from mamba_slm.cluster.spec import CLOUDS, GPU_TYPES, MODEL_SIZES, TRAINING_CONFIGS, RunSpec
 from mamba_slm.cluster.submit import KubeRayClient, LaunchError, watch_job, write_manifests
+from mamba_slm.platform.extras import missing_extra
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                   "(the Ray token), e.g. kubectl create secret generic "
                   f"{spec.ray_auth_secret} -n {spec.namespace} --from-literal=auth_token=$(openssl rand -hex 32)")
             return 0
+        if msg := missing_extra("cluster", what="applying manifests (--dry-run writes them without it)"):
+            raise LaunchError(msg)
         kube = KubeRayClient(api_client(args.kubeconfig, args.context))
         if kube.ensure_auth_secret(spec.namespace, spec.ray_auth_secret):
             print(f"created Secret {spec.namespace}/{spec.ray_auth_secret} (Ray token)")

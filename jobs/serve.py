@@ -39,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--port {args.port}: give a TCP port in 1-65535")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads {args.threads} must be positive")
+    from mamba_slm.platform.extras import missing_extra
+
+    if msg := missing_extra("post", ("fastapi", "uvicorn"), what="serving"):
+        parser.error(msg)
     import uvicorn
 
     from mamba_slm.platform.post.loading import load_model_dir

@@ -157,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(args)
+        if cfg.searcher == "optuna":  # (a resumed sweep's searcher comes from its sweep.json)
+            from mamba_slm.platform.extras import missing_extra
+
+            if msg := missing_extra("tune", what="--searcher optuna"):
+                raise ValueError(msg)
     except (ValueError, FileNotFoundError) as err:
         parser.print_usage(sys.stderr)
         print(f"{parser.prog}: error: {err}", file=sys.stderr)

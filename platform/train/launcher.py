@@ -12,13 +12,13 @@ Layout of a run with the default local storage (`./runs`):
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mamba_slm.model import ModelConfig
+from mamba_slm.platform.extras import missing_extra
 
 from .config import DataConfig, RunConfig, TrainingConfig
 from .data import read_manifest
@@ -49,9 +49,8 @@ def resolve_job(training: TrainingConfig, data: DataConfig, run: RunConfig,
         raise ValueError(f"--num-workers 0 trains in this process, without Ray Train's storage "
                          f"layer, so checkpoints cannot go to {run.storage_path}; give a directory "
                          "(--storage-path /path) or run with --num-workers 1 or more")
-    if training.float8 and importlib.util.find_spec("torchao") is None:
-        raise ValueError("--float8 needs torchao on the workers and here: "
-                         "pip install 'mamba-slm[float8]' (torchao>=0.18)")
+    if training.float8 and (msg := missing_extra("float8", what="--float8")):
+        raise ValueError(msg)
     if training.float8 and not run.use_gpu:
         raise ValueError("--float8 needs --use-gpu (float8 matmuls: H100, H200, L4-class GPUs)")
     if not data.path:
