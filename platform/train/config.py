@@ -193,8 +193,9 @@ class RunConfig:
     cpus_per_worker: float = _help("CPUs reserved per worker", default=1.0)
     max_failures: int = _help("worker-group restarts Ray Train may do (each resumes from the "
                               "latest checkpoint)", default=0)
-    resume_from: str = _help("start from this checkpoint directory instead of the run's own "
-                             "latest", default="")
+    resume_from: str = _help("start a run that has no checkpoint of its own from this checkpoint "
+                             "(or the latest intact one of this run directory); once the run has "
+                             "its own, restarts resume from those", default="")
     wandb: bool = _help("log to Weights & Biases (offline without WANDB_API_KEY)", default=True)
     wandb_project: str = "mamba-slm"
     plot: bool = _help("write loss_curve.png at the end", default=True)

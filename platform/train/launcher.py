@@ -76,6 +76,10 @@ def resolve_job(training: TrainingConfig, data: DataConfig, run: RunConfig,
         storage = str(Path(storage).resolve())
     if run.storage_path == "" and output.name != name:
         storage = str(output / "checkpoints")  # a custom --output-dir keeps its checkpoints inside
+    if run.resume_from and not Path(run.resume_from).is_dir():
+        raise ValueError(f"--resume-from {run.resume_from}: no such directory (give a checkpoint, "
+                         "step_NNNNNNNN/, or a run directory holding them, on a path this machine and "
+                         "the workers can read)")
     run = dataclasses.replace(run, name=name, output_dir=str(output), storage_path=storage,
                               resume_from=str(Path(run.resume_from).resolve()) if run.resume_from else "")
     if seq_len != training.seq_len:

@@ -127,7 +127,11 @@ def choose_resume_checkpoint(run_dir: Path, latest: RayCheckpoint | None, resume
     on_disk = latest_good_checkpoint(run_dir)  # the newest intact one; damaged newer ones warned about
     if latest is None or (on_disk is not None and _order(on_disk.name) >= _order(latest.name)):
         # on disk: sealed after the last checkpoint Ray registered, or that one itself
-        return ResumeChoice(on_disk.name, "run") if on_disk is not None else _choose_resume_from(resume_from)
+        if on_disk is None:
+            return _choose_resume_from(resume_from)
+        _ignoring_resume_from(resume_from, on_disk.name)
+        return ResumeChoice(on_disk.name, "run")
+    _ignoring_resume_from(resume_from, latest.name)
     # Ray's latest is newer than every intact checkpoint listed here. Listed: checked
     # above, so torn or corrupt. Not listed: a bucket's download to this node (or a
     # listing that lags), checked now.
@@ -155,6 +159,13 @@ def choose_resume_checkpoint(run_dir: Path, latest: RayCheckpoint | None, resume
     log.warning("Ray Train's latest checkpoint %s is not usable (%s); resuming from %s", latest.name, reason,
                 on_disk.name)
     return ResumeChoice(on_disk.name, "run")
+
+
+def _ignoring_resume_from(resume_from: str, own: str) -> None:
+    if resume_from:  # it seeds a run's start; restarts after that continue the run's own progress
+        log.warning("the run has checkpoints of its own (%s): resuming from them, not from --resume-from %s "
+                    "(which only starts a run that has none; pick a new --name to start from it again)",
+                    own, resume_from)
 
 
 def _choose_resume_from(resume_from: str) -> ResumeChoice:

@@ -154,3 +154,33 @@ def test_profile_steps_writes_tables_and_trace(synthetic_data, tmp_path):
     assert "aten::" in text  # the model's operators were recorded
     with pytest.raises(ValueError, match="profile_steps='3-2'"):
         RunConfig(profile_steps="3-2")
+
+
+def test_resume_from_starts_a_new_run_then_yields_to_its_own_checkpoints(synthetic_data, tmp_path, caplog):
+    """--resume-from: a new run starts from another run's checkpoint and continues it exactly
+    (same config and data: the same losses); once the new run has checkpoints of its own, a
+    restart resumes from those (with a warning that --resume-from is not used), not again from
+    the given one. A path that does not exist is refused before anything starts."""
+    import dataclasses
+
+    base = run_pretraining(_job(synthetic_data, tmp_path, "base", max_steps=4, checkpoint_every=2))
+    base_losses = {m["step"]: m["loss"] for m in base.metrics}
+
+    def seeded(max_steps, resume_from):
+        job = _job(synthetic_data, tmp_path, "seeded", max_steps=max_steps, checkpoint_every=2)
+        return run_pretraining(dataclasses.replace(job, run=dataclasses.replace(job.run, resume_from=str(resume_from))))
+
+    first = seeded(4, tmp_path / "storage" / "base" / "step_00000002")
+    assert [m["step"] for m in first.metrics] == [3, 4] and first.last["resumed_from_step"] == 2
+    for m in first.metrics:
+        assert m["loss"] == pytest.approx(base_losses[m["step"]], abs=1e-5), m["step"]
+
+    with caplog.at_level("WARNING", logger="mamba_slm.platform.train.storage"):
+        again = seeded(6, tmp_path / "storage" / "base" / "step_00000002")  # not used: resumes at its own 4
+    assert again.last["step"] == 6 and again.last["resumed_from_step"] == 4  # (metrics: the run's whole history)
+    assert (tmp_path / "storage" / "seeded" / "step_00000004").is_dir()  # its own step 4, not base's
+    assert "checkpoints of its own (step_00000004)" in caplog.text and "not from --resume-from" in caplog.text
+
+    with pytest.raises(ValueError, match="--resume-from .*nowhere: no such directory"):
+        resolve_job(TrainingConfig(max_steps=1), DataConfig(path=str(synthetic_data)),
+                    RunConfig(name="r", output_dir=str(tmp_path / "r"), resume_from=str(tmp_path / "nowhere")))
