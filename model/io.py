@@ -46,6 +46,10 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", **over
     ssm_path or rope_scaling) and load the weights strictly."""
     path = Path(path)
     cfg = load_config(path)
+    if "quantization" in json.loads((path / CONFIG_FILE).read_text()):
+        raise ValueError(f"{path} is a quantized model directory (jobs/quantize.py): open it with "
+                         "mamba_slm.platform.train.checkpoint.load_model or "
+                         "mamba_slm.platform.post.loading.load_model_dir")
     if overrides:
         cfg = ModelConfig.from_dict({**cfg.to_dict(), **overrides})
     with torch.device("meta"):

@@ -63,7 +63,7 @@ def _load_training_checkpoint(path: Path, device: str) -> HybridLM:
             f"is not available ({exc}); pass the final model directory of a run") from exc
     try:
         return load_model(path, device=device).eval()
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:
         raise CheckpointError(str(exc)) from exc
 
 
@@ -100,9 +100,10 @@ def load_checkpoint(path: str | Path, device: str = "cpu",
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist or is not a directory")
-    if is_pretrained_dir(path):
+    quantized = is_pretrained_dir(path) and "quantization" in json.loads((path / CONFIG_FILE).read_text())
+    if is_pretrained_dir(path) and not quantized:
         model = load_pretrained(path, device=device)
-    else:
+    else:  # a training checkpoint or run directory, or a quantized model (jobs/quantize.py)
         model = _load_training_checkpoint(path, device)
     found, metadata = _tokenizer_and_metadata(path)
     tok_path = Path(tokenizer_file) if tokenizer_file else found

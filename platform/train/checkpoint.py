@@ -242,12 +242,21 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def load_model(path: str | Path, device: str = "cpu") -> HybridLM:
-    """Open a trained model from a `save_pretrained` directory, a training checkpoint
+    """Open a trained model from a `save_pretrained` directory, a quantized one
+    (`jobs/quantize.py`: INT8 runs on a CPU or GPU, INT4 on a CPU), a training checkpoint
     (fp32 master weights reassembled from the ZeRO shards by DeepSpeed's zero_to_fp32),
     a final checkpoint's `model/`, or a run directory (its latest checkpoint)."""
     path = Path(path)
     if (path / WEIGHTS_FILE).is_file() and (path / CONFIG_FILE).is_file():
-        return load_pretrained(path, device=device)
+        quantization = json.loads((path / CONFIG_FILE).read_text()).get("quantization")
+        if quantization is None:
+            return load_pretrained(path, device=device)
+        from mamba_slm.platform.post.quantize import load_quantized
+
+        if quantization.get("bits") == 4 and torch.device(device).type != "cpu":
+            raise ValueError(f"{path} is an INT4 model, which runs on a CPU only: load it with device='cpu' "
+                             "(or quantize with --bits 8 for a GPU)")
+        return load_quantized(path).to(device)
     if (path / "model" / WEIGHTS_FILE).is_file():
         return load_pretrained(path / "model", device=device)
     if not (path / STATE_FILE).is_file():

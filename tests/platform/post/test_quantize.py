@@ -50,8 +50,18 @@ def test_quantized_model_round_trip_and_loss(tiny_model_dir, tmp_path, bits):
     # A random tiny model: logits move by bf16 + quantization noise, the loss barely.
     assert abs(got.loss.item() - ref.loss.item()) < (0.01 if bits == 8 else 0.05)
     assert (got.logits - ref.logits).abs().max() < (0.05 if bits == 8 else 0.2)
-    with pytest.raises(RuntimeError):
-        load_pretrained(out)  # int8 tensors and extra keys: the float loader refuses
+    with pytest.raises(ValueError, match="is a quantized model directory .*load_model"):
+        load_pretrained(out)  # the float loader names the loaders that open it
+    # the loaders of the jobs (generate, evaluate) open it as it was saved
+    from mamba_slm.platform.evaluate.checkpoint import load_checkpoint
+    from mamba_slm.platform.train.checkpoint import load_model
+
+    for opened in (load_model(out), load_checkpoint(out).model):
+        with torch.no_grad():
+            torch.testing.assert_close(opened(ids[:, :-1]).logits, got.logits, rtol=0, atol=0)
+    if bits == 4:
+        with pytest.raises(ValueError, match="INT4 model, which runs on a CPU only"):
+            load_model(out, device="cuda")
 
 
 def test_quant_config_rejects_bad_values():
