@@ -77,6 +77,10 @@ class TrainingConfig:
                                 "skipped as a spike (0 = off)", default=3.0)
     spike_warmup_steps: int = _help("no spike test during the first N steps (the loss "
                                     "falls fast there)", default=20)
+    eval_every: int = _help("every N steps and at the last one, the loss on the data's val "
+                            "split (0 = off)", default=0)
+    eval_batches: int = _help("global batches of the val split per evaluation (the same rows "
+                              "each time; fewer if the split is smaller)", default=10)
     token_target: int = _help("tokens the preset is sized for (informational: steps x "
                               "global batch x seq_len)", default=0)
 
@@ -87,13 +91,15 @@ class TrainingConfig:
                                                 or self.checkpoint_every < 0):
             raise ValueError(f"TrainingConfig.checkpoint_every={self.checkpoint_every!r}: must be "
                              "an integer >= 0 or 'auto'")
-        for name in ("warmup_steps", "spike_warmup_steps", "seed"):
+        for name in ("warmup_steps", "spike_warmup_steps", "seed", "eval_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"TrainingConfig.{name}={getattr(self, name)!r}: must be an integer >= 0")
         if not isinstance(self.schedule_steps, int) or self.schedule_steps < 0 or \
                 0 < self.schedule_steps < self.max_steps:
             raise ValueError(f"TrainingConfig.schedule_steps={self.schedule_steps!r}: must be 0 "
                              f"(= max_steps) or >= max_steps={self.max_steps}")
+        if not isinstance(self.eval_batches, int) or self.eval_batches < 1:
+            raise ValueError(f"TrainingConfig.eval_batches={self.eval_batches!r}: must be an integer >= 1")
         if self.max_bad_steps < 1:
             raise ValueError(f"TrainingConfig.max_bad_steps={self.max_bad_steps}: must be >= 1")
         if self.global_batch_size % self.micro_batch_size:
@@ -278,26 +284,26 @@ TRAINING_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "quick_test": {
         "training": dict(model_size="tiny", max_steps=100, global_batch_size=16, micro_batch_size=8,
                          seq_len=256, lr=3e-3, warmup_steps=10, checkpoint_every=50,
-                         zero_stage=2, token_target=100 * 16 * 256),
+                         eval_every=25, eval_batches=4, zero_stage=2, token_target=100 * 16 * 256),
         "run": dict(num_workers=2, use_gpu=False),
     },
     "small_scale": {  # 4 GPUs: 1.3B on 10B tokens
         "training": dict(model_size="1.3B", seq_len=2048, global_batch_size=512, micro_batch_size=8,
                          max_steps=_steps(10e9, 512, 2048), lr=3e-4, warmup_steps=1000,
-                         checkpoint_every=500, zero_stage=2, token_target=int(10e9)),
+                         checkpoint_every=500, eval_every=500, zero_stage=2, token_target=int(10e9)),
         "run": dict(num_workers=4, use_gpu=True, cpus_per_worker=8),
     },
     "medium_scale": {  # 8 GPUs: 2.7B on 100B tokens
         "training": dict(model_size="2.7B", seq_len=4096, global_batch_size=512, micro_batch_size=4,
                          max_steps=_steps(100e9, 512, 4096), lr=2.5e-4, warmup_steps=2000,
-                         schedule="wsd", checkpoint_every=1000, zero_stage=3,
+                         schedule="wsd", checkpoint_every=1000, eval_every=1000, zero_stage=3,
                          activation_checkpointing=True, token_target=int(100e9)),
         "run": dict(num_workers=8, use_gpu=True, cpus_per_worker=8, max_failures=10),
     },
     "large_scale": {  # 16 GPUs: 6.7B on 300B tokens
         "training": dict(model_size="6.7B", seq_len=8192, global_batch_size=512, micro_batch_size=2,
                          max_steps=_steps(300e9, 512, 8192), lr=1.5e-4, warmup_steps=2000,
-                         schedule="wsd", checkpoint_every=1000, zero_stage=3,
+                         schedule="wsd", checkpoint_every=1000, eval_every=1000, zero_stage=3,
                          activation_checkpointing=True, token_target=int(300e9)),
         "run": dict(num_workers=16, use_gpu=True, cpus_per_worker=8, max_failures=20),
     },

@@ -41,6 +41,19 @@ def is_uri(path: str) -> bool:
     return "://" in path
 
 
+def check_validation_split(data_path: str, training: TrainingConfig) -> None:
+    """--eval-every needs a val split of at least one global batch (ValueError otherwise)."""
+    from .data import PackedSampleReader
+    from .validation import SPLIT, validation_batches
+
+    try:
+        reader = PackedSampleReader(data_path, SPLIT, training.seed)
+    except ValueError as exc:
+        raise ValueError(f"--eval-every {training.eval_every}: {exc}; curate the data with a "
+                         f"validation split, or turn the evaluation off (--eval-every 0)") from exc
+    validation_batches(reader, training.global_batch_size, training.eval_batches)
+
+
 def resolve_job(training: TrainingConfig, data: DataConfig, run: RunConfig,
                 model_overrides: dict[str, Any] | None = None, hooks: list | None = None) -> JobSpec:
     """Fill in what the flags left open: the data (demo corpus when no path), the model
@@ -62,6 +75,8 @@ def resolve_job(training: TrainingConfig, data: DataConfig, run: RunConfig,
         data = dataclasses.replace(data, path=str(Path(data.path).resolve()))
     manifest = read_manifest(data.path)
     seq_len = int(manifest["seq_len"])
+    if training.eval_every:
+        check_validation_split(data.path, training)
     overrides = {"vocab_size": int(manifest["vocab_size"]), **(model_overrides or {})}
     base = ModelConfig.from_name(training.model_size)
     if seq_len > base.max_seq_len:
@@ -177,6 +192,10 @@ def summarize(job: JobSpec, result: TrainResult) -> str:
         lines.append(f"  loss {m[0]['loss']:.4f} (step {m[0]['step']}) -> {m[-1]['loss']:.4f} "
                      f"(step {m[-1]['step']}); {sum(steady) / len(steady):,.0f} tokens/s; "
                      f"skipped steps {m[-1].get('skipped_steps', 0)}")
+        val = [r for r in m if "val_loss" in r]
+        if val:
+            lines.append(f"  val loss {val[0]['val_loss']:.4f} (step {val[0]['step']}) -> {val[-1]['val_loss']:.4f} "
+                         f"(step {val[-1]['step']}), perplexity {val[-1]['val_ppl']:.2f}")
     model_dir = Path(result.output_dir) / "model"
     if model_dir.is_dir():
         lines.append(f"  final model:     {model_dir}")

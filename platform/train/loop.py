@@ -47,6 +47,7 @@ from .profiling import StepProfiler
 from .schedule import lr_at
 from .state import JobSpec, TrainState
 from .storage import find_resume_checkpoint, save_and_report
+from .validation import Validator, validation_due
 
 
 RAY_REPORT_EVERY_S = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)) + 0.5
@@ -106,6 +107,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                        f"(engine build {startup['engine_build_s']:.1f} s{load})")
         ft.message = logger.message
     batches = StepBatches(reader, tcfg.global_batch_size, tcfg.micro_batch_size, rank, world)
+    validator = Validator(job.data.path, tcfg, rank, world) if tcfg.eval_every else None
     peak = peak_flops_per_device(job.run.use_gpu, resolve_precision(tcfg, job.run.use_gpu))
     flops_per_token = meta_model(job).flops_per_token(reader.seq_len)
     last_report = time.monotonic()
@@ -130,6 +132,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                                    - last_report >= RAY_REPORT_EVERY_S)
             metrics = step_metrics(state, result, elapsed, tcfg.tokens_per_step(reader.seq_len),
                                    flops_per_token, peak, world)
+            # collective, on the same steps everywhere (agreed.stop is every worker's answer)
+            if validator is not None and validation_due(state.step, tcfg, agreed.stop and state.step < tcfg.max_steps):
+                metrics.update(validator.evaluate(engine))
             metrics["preempted"] = ft.preempted
             if startup:  # the first step of this worker group: from entry to its end
                 metrics.update(startup, startup_s=time.monotonic() - started)

@@ -77,7 +77,8 @@ class MetricsLogger:
             self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                            step=metrics["step"])
         step = metrics["step"]
-        if step % self.log_every == 0 or step == self.max_steps or step == 1 or metrics.get("skipped"):
+        if (step % self.log_every == 0 or step == self.max_steps or step == 1 or metrics.get("skipped")
+                or "val_loss" in metrics):
             self.console.print(format_line(metrics, self.max_steps, time.perf_counter() - self.t_start),
                                highlight=False)
 
@@ -98,7 +99,8 @@ def format_line(m: dict[str, Any], max_steps: int, elapsed: float) -> str:
     mem = m.get("mem_allocated_gb", m.get("mem_rss_gb", 0.0))
     gn = m.get("grad_norm")
     skipped = f"  [red]skipped ({m['skip_reason']})[/red]" if m.get("skipped") else ""
-    return (f"{bar} step {m['step']:>{width}}/{max_steps}  loss {m['loss']:.4f}  lr {m['lr']:.2e}  "
+    val = f"  [cyan]val {m['val_loss']:.4f}[/cyan]" if "val_loss" in m else ""
+    return (f"{bar} step {m['step']:>{width}}/{max_steps}  loss {m['loss']:.4f}{val}  lr {m['lr']:.2e}  "
             f"gnorm {'-' if gn is None else f'{gn:.3f}'}  tok/s {m['tokens_per_s']:,.0f}{mfu}  "
             f"mem {mem:.2f} GB  {elapsed:.0f}s{skipped}")
 
@@ -146,12 +148,16 @@ def plot_loss_curve(output_dir: Path) -> Path | None:
     steps = [m["step"] for m in records]
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True,
                                          gridspec_kw={"height_ratios": [3, 1]})
-    ax_loss.plot(steps, [m["loss"] for m in records], lw=1)
+    ax_loss.plot(steps, [m["loss"] for m in records], lw=1, label="train")
+    val = [m for m in records if "val_loss" in m]
+    if val:
+        ax_loss.plot([m["step"] for m in val], [m["val_loss"] for m in val], "o-", ms=3, lw=1, label="val")
     bad = [m for m in records if m.get("skipped")]
     if bad:
         ax_loss.scatter([m["step"] for m in bad], [0] * len(bad), marker="x", c="r", label="skipped")
+    if val or bad:
         ax_loss.legend()
-    ax_loss.set_ylabel("training loss")
+    ax_loss.set_ylabel("loss")
     ax_loss.grid(alpha=0.3)
     ax_lr.plot(steps, [m["lr"] for m in records], c="tab:orange", lw=1)
     ax_lr.set_ylabel("lr")

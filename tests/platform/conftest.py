@@ -14,10 +14,10 @@ STEPS, BATCH = 8, 8
 
 def run_tiny(data, out, name, hooks=(), zero_stage: int = 2, **run_fields):
     """The tests' run: tiny preset, 2 CPU workers, ZeRO-2 (or `zero_stage`), a checkpoint
-    every 2 steps, seed 11. `run_fields` override RunConfig (max_failures, min_workers,
-    use_gpu, ...)."""
+    every 2 steps, the val loss every 4, seed 11. `run_fields` override RunConfig
+    (max_failures, min_workers, use_gpu, ...)."""
     t = TrainingConfig(max_steps=STEPS, global_batch_size=BATCH, micro_batch_size=2, warmup_steps=2,
-                       lr=3e-3, checkpoint_every=2, zero_stage=zero_stage, seed=11)
+                       lr=3e-3, checkpoint_every=2, eval_every=4, eval_batches=2, zero_stage=zero_stage, seed=11)
     run = RunConfig(**{"name": name, "num_workers": 2, "output_dir": str(out / name),
                        "storage_path": str(out / "storage"), "wandb": False, "plot": False, **run_fields})
     return run_pretraining(resolve_job(t, DataConfig(path=str(data)), run, hooks=list(hooks)))

@@ -34,7 +34,7 @@ def test_presets_are_valid_and_sized_as_named():
 @pytest.mark.parametrize("field,value,needle", [
     ("schedule", "linear", "schedule"), ("zero_stage", 1, "zero_stage"), ("max_steps", 0, "max_steps"),
     ("micro_batch_size", 5, "global_batch_size"), ("precision", "fp8", "precision"),
-    ("spike_factor", 0.5, "spike_factor"),
+    ("spike_factor", 0.5, "spike_factor"), ("eval_every", -1, "eval_every"), ("eval_batches", 0, "eval_batches"),
 ])
 def test_training_config_rejects_bad_fields(field, value, needle):
     with pytest.raises(ValueError, match=needle):

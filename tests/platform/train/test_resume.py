@@ -43,6 +43,11 @@ def test_interrupted_run_resumes_exactly(synthetic_data, tmp_path, tiny_run, uni
     tol = dict(rtol=0, atol=2e-2) if gpu else dict(rtol=0, atol=0)
     torch.testing.assert_close([m["loss"] for m in resumed.metrics], full_losses, **tol,
                                msg="resumed losses differ")
+    # the val loss (every 4 steps, both workers, a collective under ZeRO-3) resumes alike
+    val = [(m["step"], m["val_loss"]) for m in resumed.metrics if "val_loss" in m]
+    assert [s for s, _ in val] == [4, 8]
+    torch.testing.assert_close([v for _, v in val], [m["val_loss"] for m in read_metrics(full) if "val_loss" in m],
+                               **tol, msg="resumed val losses differ")
     a = load_file(str(full / "model" / "model.safetensors"))
     b = load_file(str(tmp_path / f"z{stage}-interrupted" / "model" / "model.safetensors"))
     assert a.keys() == b.keys()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace as dataclasses_replace
 
 import numpy as np
 import pytest
@@ -184,3 +185,37 @@ def test_resume_from_starts_a_new_run_then_yields_to_its_own_checkpoints(synthet
     with pytest.raises(ValueError, match="--resume-from .*nowhere: no such directory"):
         resolve_job(TrainingConfig(max_steps=1), DataConfig(path=str(synthetic_data)),
                     RunConfig(name="r", output_dir=str(tmp_path / "r"), resume_from=str(tmp_path / "nowhere")))
+
+
+def test_validation_loss_every_n_steps_on_the_same_val_rows(synthetic_data, tmp_path):
+    """--eval-every 2: steps 2 and 4 carry the val split's loss, which is the training loss
+    function on the first eval_batches global batches of `val` (recomputed here from the
+    final model), and evaluating leaves training alone (the golden losses)."""
+    from mamba_slm.platform.train.data import PackedSampleReader
+    from mamba_slm.platform.train.metrics import format_line
+
+    result = run_pretraining(_job(synthetic_data, tmp_path, "val", max_steps=4, eval_every=2, eval_batches=3))
+    np.testing.assert_allclose([m["loss"] for m in result.metrics], GOLDEN[:4], rtol=0, atol=2e-4)
+    assert [m["step"] for m in result.metrics if "val_loss" in m] == [2, 4]
+    last = result.metrics[-1]
+    model = load_model(tmp_path / "val" / "model")
+    reader = PackedSampleReader(synthetic_data, "val", seed=1234)
+    losses = []
+    with torch.no_grad():
+        for start in range(0, 3 * 8, 4):  # 3 global batches of 8 rows, micro-batches of 4
+            mb = reader.batch(np.arange(start, start + 4))
+            losses.append(model(mb.input_ids, seq_idx=mb.seq_idx, labels=mb.labels, return_logits=False).loss.item())
+    assert last["val_loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-5)
+    assert last["val_ppl"] == pytest.approx(math.exp(last["val_loss"])) and last["val_loss"] < result.metrics[1]["val_loss"]
+    assert f"val {last['val_loss']:.4f}" in format_line(last, 4, 1.0)
+
+
+def test_validation_needs_a_val_split_of_one_global_batch(tmp_path):
+    from mamba_slm.platform.train.synthetic import write_synthetic_dataset
+
+    small = write_synthetic_dataset(tmp_path / "small", train_rows=64, val_rows=4, shards=1, row_group=16)
+    cfg = TrainingConfig(max_steps=2, global_batch_size=8, micro_batch_size=4, eval_every=1)
+    run = RunConfig(name="v", num_workers=0, output_dir=str(tmp_path / "v"))
+    with pytest.raises(ValueError, match="'val' split has 4 rows, fewer than one global batch \\(8\\).*--eval-every 0"):
+        resolve_job(cfg, DataConfig(path=str(small)), run)
+    resolve_job(dataclasses_replace(cfg, eval_every=0), DataConfig(path=str(small)), run)  # off: no check

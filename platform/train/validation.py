@@ -1,0 +1,72 @@
+"""Held-out loss during pretraining (`--eval-every N`): every N steps and at the last one,
+the loss on the data's `val` split, logged beside the training loss (console, metrics.jsonl,
+wandb, loss_curve.png).
+
+The same loss as the training step (the chunked cross-entropy through the DeepSpeed
+engine, so ZeRO-3 gathers its weights as in training; no gradients), on the same rows at
+every evaluation: the first `eval_batches` global batches of the split, each worker its
+slice of each, in micro-batches as in training. The set depends on the global batch only,
+so an elastic run that shrinks or grows evaluates the same rows. A collective: every
+worker calls `evaluate` on the same steps (ZeRO-3's forward gathers across them)."""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.distributed as dist
+
+from .data import PackedSampleReader, rank_sample_ids
+
+SPLIT = "val"
+
+
+def validation_batches(reader: PackedSampleReader, global_batch: int, wanted: int) -> int:
+    """Global batches an evaluation runs: `wanted`, or as many as the split holds."""
+    available = len(reader) // global_batch
+    if available == 0:
+        raise ValueError(f"{reader.data_dir}: the {SPLIT!r} split has {len(reader)} rows, fewer than one "
+                         f"global batch ({global_batch}); curate more validation data or turn the "
+                         "evaluation off (--eval-every 0)")
+    return min(wanted, available)
+
+
+class Validator:
+    def __init__(self, data_path: str, cfg, rank: int, world: int):
+        self.reader = PackedSampleReader(data_path, SPLIT, cfg.seed)
+        self.global_batch, self.micro_batch = cfg.global_batch_size, cfg.micro_batch_size
+        self.batches = validation_batches(self.reader, self.global_batch, cfg.eval_batches)
+        self.rank, self.world = rank, world
+
+    @torch.no_grad()
+    def evaluate(self, engine) -> dict[str, float]:
+        """-> {"val_loss", "val_ppl", "val_time_s"}, the same on every worker."""
+        started = time.perf_counter()
+        was_training = engine.training
+        engine.eval()
+        losses = []
+        try:
+            for b in range(self.batches):
+                ids = rank_sample_ids(b * self.global_batch, self.global_batch, self.rank, self.world)
+                for i in range(0, len(ids), self.micro_batch):
+                    mb = self.reader.batch(ids[i:i + self.micro_batch])
+                    dev = engine.device
+                    out = engine(mb.input_ids.to(dev), seq_idx=mb.seq_idx.to(dev), labels=mb.labels.to(dev),
+                                 return_logits=False)
+                    losses.append(out.loss.detach().float())
+        finally:
+            engine.train(was_training)
+        # every row has seq_len targets, so the mean over micro-batches is the mean per token
+        total = torch.stack(losses).sum().reshape(1)
+        if dist.is_initialized() and self.world > 1:
+            dist.all_reduce(total)
+        loss = total.item() / (len(losses) * self.world)
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_time_s": time.perf_counter() - started}
+
+
+def validation_due(step: int, cfg, stopping_early: bool) -> bool:
+    """Every `eval_every` steps and at the last step; not when the run stops early (a
+    preemption's grace period, too many bad steps)."""
+    if not cfg.eval_every or stopping_early:
+        return False
+    return step % cfg.eval_every == 0 or step >= cfg.max_steps
