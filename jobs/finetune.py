@@ -2,6 +2,7 @@
 DeepSpeed (ZeRO-2), with the loss on assistant tokens only.
 
   python jobs/finetune.py --checkpoint runs/final --data chat.jsonl --output runs/sft
+  python jobs/finetune.py --checkpoint runs/final --data chat.jsonl --eval-fraction 0.05 --eval-every 50 --output runs/sft
 
 chat.jsonl: one conversation per line,
   {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
@@ -31,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="finetune", help="Ray Train run name (default finetune)")
     p.add_argument("--epochs", type=float, default=3.0, help="passes over the data (default 3)")
     p.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--eval-data", type=Path,
+                   help="held-out chat JSONL: its loss on assistant tokens is logged as val_loss")
+    p.add_argument("--eval-fraction", type=float, default=0.0,
+                   help="or hold out this share of --data's conversations (picked with --seed)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="with a held-out set: evaluate every N steps too (default: at the end only)")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4)")
     p.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps (default 0)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on the adapters")
@@ -53,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_job(args, parser):
-    from mamba_slm.platform.post.finetune import FinetuneJob, LoraConfig, steps_per_epoch, tokenize_chats
+    from mamba_slm.platform.post.finetune import FinetuneJob, LoraConfig, steps_per_epoch, train_and_eval_examples
     from mamba_slm.platform.post.loading import check_model_dir
     from mamba_slm.platform.train.config import TrainingConfig
 
@@ -63,6 +70,10 @@ def make_job(args, parser):
         parser.error(f"--checkpoint: {exc}")
     if not args.data.is_file():
         parser.error(f"--data {args.data}: no such file")
+    if args.eval_data is not None and not args.eval_data.is_file():
+        parser.error(f"--eval-data {args.eval_data}: no such file")
+    if args.eval_every < 0:
+        parser.error(f"--eval-every {args.eval_every} must be >= 0")
     if (args.output / "model").exists():
         parser.error(f"--output {args.output} already holds a fine-tuned model: pass a new directory")
     if args.num_workers < 0 or args.epochs <= 0 or (args.max_steps is not None and args.max_steps < 1):
@@ -71,21 +82,24 @@ def make_job(args, parser):
     try:
         lora = LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, **lora_kw)
         probe = FinetuneJob(str(args.checkpoint.resolve()), str(args.data.resolve()), str(args.output.resolve()),
-                            TrainingConfig(seq_len=1), lora, args.max_seq_len)
-        examples, _ = tokenize_chats(probe)
+                            TrainingConfig(seq_len=1, seed=args.seed), lora, args.max_seq_len,
+                            eval_data=str(args.eval_data.resolve()) if args.eval_data else "",
+                            eval_fraction=args.eval_fraction)
+        examples, held_out, _ = train_and_eval_examples(probe)
         steps = args.max_steps or max(1, round(args.epochs * steps_per_epoch(len(examples), args.global_batch_size)))
         training = TrainingConfig(
             name=args.name, max_steps=steps, global_batch_size=args.global_batch_size,
-            micro_batch_size=args.micro_batch_size, seq_len=max(len(x) for x, _ in examples), lr=args.lr,
+            micro_batch_size=args.micro_batch_size, seq_len=max(len(x) for x, _ in examples + held_out), lr=args.lr,
             min_lr_ratio=0.1, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-            zero_stage=2, checkpoint_every=args.checkpoint_every, seed=args.seed, spike_factor=0.0)
+            zero_stage=2, checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, seed=args.seed,
+            spike_factor=0.0)
         training.grad_accum_steps(max(1, args.num_workers))
     except ValueError as exc:
         parser.error(str(exc))
     job = FinetuneJob(**{**probe.to_dict(), "training": training, "lora": lora, "num_workers": args.num_workers,
                          "cpus_per_worker": args.cpus_per_worker, "use_gpu": args.gpu,
                          "max_failures": args.max_failures, "name": args.name})
-    return job, len(examples)
+    return job, (len(examples), len(held_out))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,10 +109,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if msg := missing_extra("post", ("peft",), what="LoRA fine-tuning"):
         parser.error(msg)
-    job, n = make_job(args, parser)
+    job, (n, n_held_out) = make_job(args, parser)
     from mamba_slm.platform.post.finetune import run_finetune
 
-    print(f"fine-tuning {job.checkpoint} on {n} conversations: {job.training.max_steps} steps of "
+    held = f" ({n_held_out} held out for val_loss)" if n_held_out else ""
+    print(f"fine-tuning {job.checkpoint} on {n} conversations{held}: {job.training.max_steps} steps of "
           f"{job.training.global_batch_size}, LoRA r={job.lora.rank} on {', '.join(job.lora.targets)}, "
           f"{job.num_workers} worker(s)")
     model_dir = run_finetune(job)

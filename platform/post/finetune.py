@@ -21,6 +21,11 @@ Data order: conversations are shuffled per epoch with the seed; the global batch
 s is samples [s*B, (s+1)*B) of that endless order, each worker takes a contiguous slice,
 right-padded to its longest row (padding is after every real token, so causal layers never
 see it, and its labels are -100).
+
+Held-out loss: with `eval_data` (a chat JSONL) or `eval_fraction` (that share of `data`'s
+conversations, picked with the seed and left out of training), the loss on assistant tokens
+of those conversations (token-weighted over all of them, each worker every world-th one) is
+logged as `val_loss` every `training.eval_every` steps and at the end.
 """
 from __future__ import annotations
 
@@ -81,6 +86,14 @@ class FinetuneJob:
     use_gpu: bool = False
     max_failures: int = 0
     name: str = "finetune"
+    eval_data: str = ""  # held-out chat JSONL
+    eval_fraction: float = 0.0  # or this share of `data`'s conversations, left out of training
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction={self.eval_fraction}: must be in [0, 1)")
+        if self.eval_fraction and self.eval_data:
+            raise ValueError("give eval_data or eval_fraction, not both")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -90,23 +103,39 @@ class FinetuneJob:
         return cls(**{**d, "training": TrainingConfig.from_dict(d["training"]), "lora": LoraConfig(**d["lora"])})
 
 
-def tokenize_chats(job: FinetuneJob) -> tuple[list[tuple[list[int], list[int]]], int]:
-    """((input_ids, labels) per conversation, eos_id). Conversations are truncated to
-    max_seq_len; those left with no assistant token are dropped."""
+def tokenize_chats(job: FinetuneJob, path: str | None = None) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """((input_ids, labels) per conversation of `path`, default `job.data`; eos_id).
+    Conversations are truncated to max_seq_len; those left with no assistant token are dropped."""
     from tokenizers import Tokenizer
 
+    path = path or job.data
     tokenizer = Tokenizer.from_file(str(Path(job.checkpoint) / TOKENIZER_FILE))
     eos, _ = find_eos(tokenizer, json.loads((Path(job.checkpoint) / "config.json").read_text()))
     limit = job.max_seq_len or load_config(job.checkpoint).max_seq_len
     examples = []
-    for messages in load_chat_jsonl(job.data):
+    for messages in load_chat_jsonl(path):
         inputs, labels = encode_conversation(tokenizer, messages, eos).inputs_and_labels()
         inputs, labels = inputs[:limit], labels[:limit]
         if any(t != -100 for t in labels):
             examples.append((inputs, labels))
     if not examples:
-        raise ValueError(f"{job.data}: no conversation keeps an assistant token within {limit} tokens")
+        raise ValueError(f"{path}: no conversation keeps an assistant token within {limit} tokens")
     return examples, eos
+
+
+def train_and_eval_examples(job: FinetuneJob):
+    """-> (training examples, held-out examples (maybe empty), eos_id)."""
+    examples, eos = tokenize_chats(job)
+    if job.eval_data:
+        return examples, tokenize_chats(job, job.eval_data)[0], eos
+    if not job.eval_fraction:
+        return examples, [], eos
+    held = max(1, round(job.eval_fraction * len(examples)))
+    if held >= len(examples):
+        raise ValueError(f"eval_fraction={job.eval_fraction} of {len(examples)} conversations leaves none to train on")
+    order = np.random.default_rng([job.training.seed, 1]).permutation(len(examples))
+    out = set(order[:held].tolist())
+    return ([x for i, x in enumerate(examples) if i not in out], [examples[i] for i in sorted(out)], eos)
 
 
 def steps_per_epoch(n_examples: int, global_batch_size: int) -> int:
@@ -127,14 +156,44 @@ def step_micro_batches(examples, sample_position: int, cfg: TrainingConfig, rank
             if epoch not in order:
                 order[epoch] = np.random.default_rng(cfg.seed + epoch).permutation(n)
             rows.append(int(order[epoch][i % n]))
-        width = max(len(examples[r][0]) for r in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        for j, r in enumerate(rows):
-            x, y = examples[r]
-            ids[j, : len(x)], labels[j, : len(y)] = torch.tensor(x), torch.tensor(y)
-        batches.append(Batch(ids, labels, torch.zeros_like(ids, dtype=torch.int32), np.array(rows)))
+        batches.append(padded_batch(examples, rows, pad_id))
     return batches
+
+
+def padded_batch(examples, rows: list[int], pad_id: int) -> Batch:
+    """The conversations `rows` right-padded to the longest (pad labels -100)."""
+    width = max(len(examples[r][0]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for j, r in enumerate(rows):
+        x, y = examples[r]
+        ids[j, : len(x)], labels[j, : len(y)] = torch.tensor(x), torch.tensor(y)
+    return Batch(ids, labels, torch.zeros_like(ids, dtype=torch.int32), np.array(rows))
+
+
+@torch.no_grad()
+def held_out_loss(engine, examples, micro_batch: int, rank: int, world: int, pad_id: int) -> dict[str, float]:
+    """Loss per assistant token over all held-out conversations (this worker: every
+    world-th one), the same on every worker. ZeRO-2: the forward needs no other worker."""
+    import torch.distributed as dist
+
+    rows = list(range(rank, len(examples), world))
+    total = torch.zeros(2, dtype=torch.float64, device=engine.device)  # loss sum, tokens
+    was_training = engine.training
+    engine.eval()
+    try:
+        for i in range(0, len(rows), micro_batch):
+            b = padded_batch(examples, rows[i:i + micro_batch], pad_id)
+            dev = engine.device
+            out = engine(b.input_ids.to(dev), seq_idx=b.seq_idx.to(dev), labels=b.labels.to(dev), return_logits=False)
+            n = (b.labels != -100).sum()
+            total += torch.stack([out.loss.double() * n, n.double().to(dev)])
+    finally:
+        engine.train(was_training)
+    if dist.is_initialized() and world > 1:
+        dist.all_reduce(total)
+    loss = (total[0] / total[1]).item()
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(total[1].item())}
 
 
 def build_lora_model(job: FinetuneJob):
@@ -164,7 +223,7 @@ def finetune_loop_per_worker(config: dict[str, Any]) -> None:
     job = FinetuneJob.from_dict(config["job"])
     tcfg = job.training
     rank, world = setup_distributed(job.use_gpu, config["local_mode"])
-    examples, eos_id = tokenize_chats(job)
+    examples, held_out, eos_id = train_and_eval_examples(job)
     model = build_lora_model(job)
     skip_shm_comm_op()
     engine, _, _, _ = deepspeed.initialize(
@@ -186,6 +245,8 @@ def finetune_loop_per_worker(config: dict[str, Any]) -> None:
         advance(state, result, tcfg, tcfg.seq_len)
         metrics = {**step_metrics(state, result, time.perf_counter() - t0, tokens * world, 0.0, None, world),
                    "assistant_tokens": tokens}
+        if held_out and (state.step >= tcfg.max_steps or (tcfg.eval_every and state.step % tcfg.eval_every == 0)):
+            metrics.update(held_out_loss(engine, held_out, tcfg.micro_batch_size, rank, world, eos_id))
         if logger is not None:
             logger.log(metrics)
         report_step(engine, job, config, state, metrics, rank, world)

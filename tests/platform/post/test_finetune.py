@@ -68,12 +68,25 @@ def assistant_loss(model, job_examples) -> float:
     return sum(losses) / len(losses)
 
 
+def token_weighted_loss(model, examples) -> float:
+    """Loss per assistant token over all conversations (what val_loss reports)."""
+    total = tokens = 0.0
+    with torch.no_grad():
+        for x, y in examples:
+            n = sum(t != -100 for t in y)
+            total += model(torch.tensor([x]), labels=torch.tensor([y])).loss.item() * n
+            tokens += n
+    return total / tokens
+
+
 def finetune_job(repo_root: Path, model_dir: Path, out: Path, max_steps: int, workers: int) -> None:
-    """`python jobs/finetune.py` on the test chats (LoRA rank 4, 4 conversations a step)."""
+    """`python jobs/finetune.py` on the test chats (LoRA rank 4, 4 conversations a step),
+    the same chats as the held-out set every 4 steps."""
     proc = subprocess.run(
         [sys.executable, "jobs/finetune.py", "--checkpoint", str(model_dir), "--data", str(CHAT),
          "--output", str(out), "--max-steps", str(max_steps), "--lr", "3e-2", "--global-batch-size", "4",
-         "--micro-batch-size", "2", "--num-workers", str(workers), "--lora-rank", "4"],
+         "--micro-batch-size", "2", "--num-workers", str(workers), "--lora-rank", "4",
+         "--eval-data", str(CHAT), "--eval-every", "4"],
         cwd=repo_root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -112,6 +125,11 @@ def test_finetune_job_two_workers(ray_cluster, tiny_model_dir, tmp_path, repo_ro
 
     examples, _ = tokenize_chats(job)
     assert assistant_loss(tuned, examples) < assistant_loss(base, examples) - 0.2
+    # val_loss at steps 4 and 8, over both workers' halves: the final one is the merged model's
+    assert [m["step"] for m in metrics if "val_loss" in m] == [4, 8]
+    assert metrics[7]["val_loss"] < metrics[3]["val_loss"]
+    assert metrics[7]["val_loss"] == pytest.approx(token_weighted_loss(tuned, examples), abs=1e-3)
+    assert metrics[7]["val_tokens"] == sum(sum(t != -100 for t in y) for _, y in examples)
 
     # As if the run had been stopped after its step-8 checkpoint (no final model yet) and
     # resubmitted on one worker (a spot node gone): it resumes the 2-worker checkpoint
@@ -123,3 +141,31 @@ def test_finetune_job_two_workers(ray_cluster, tiny_model_dir, tmp_path, repo_ro
     assert steps[-2:] == [9, 10] and 1 not in steps[8:], steps
     assert json.loads((storage / "step_00000010" / "integrity_rank0.json").read_text())["world"] == 1
     assert json.loads((out / "model" / "config.json").read_text())["finetune"]["step"] == 10
+
+
+def test_held_out_fraction_is_disjoint_and_the_same_on_every_call(tiny_model_dir):
+    from mamba_slm.platform.post.finetune import tokenize_chats, train_and_eval_examples
+
+    job = FinetuneJob(str(tiny_model_dir), str(CHAT), "/tmp/x", TrainingConfig(seq_len=1, seed=5), eval_fraction=0.25)
+    train, held, eos = train_and_eval_examples(job)
+    everything, _ = tokenize_chats(job)
+    assert len(held) == round(0.25 * len(everything)) and len(train) + len(held) == len(everything)
+    assert not {str(x) for x, _ in train} & {str(x) for x, _ in held}
+    assert train_and_eval_examples(job)[1] == held  # the seed decides
+    with pytest.raises(ValueError, match="eval_fraction"):
+        FinetuneJob(str(tiny_model_dir), str(CHAT), "/tmp/x", TrainingConfig(seq_len=1), eval_fraction=1.0)
+    with pytest.raises(ValueError, match="not both"):
+        FinetuneJob(str(tiny_model_dir), str(CHAT), "/tmp/x", TrainingConfig(seq_len=1), eval_data=str(CHAT),
+                    eval_fraction=0.1)
+
+
+def test_held_out_loss_is_the_loss_per_assistant_token(tiny_model_dir):
+    from mamba_slm.platform.post.finetune import held_out_loss, tokenize_chats
+
+    job = FinetuneJob(str(tiny_model_dir), str(CHAT), "/tmp/x", TrainingConfig(seq_len=1))
+    examples, eos = tokenize_chats(job)
+    model = load_pretrained(tiny_model_dir).train()
+    model.device = torch.device("cpu")  # what held_out_loss reads of a DeepSpeed engine
+    got = held_out_loss(model, examples, micro_batch=3, rank=0, world=1, pad_id=eos)
+    assert model.training  # put back
+    assert got["val_loss"] == pytest.approx(token_weighted_loss(model.eval(), examples), abs=1e-5)
