@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         model = load_model(checkpoint, device=args.device)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:  # ValueError: e.g. an INT4 model asked onto a GPU
         parser.error(str(err))
     tokenizer = Tokenizer.from_file(str(tok_path))
     ids = tokenizer.encode(args.prompt).ids

@@ -36,6 +36,13 @@ def is_pretrained_dir(path: Path) -> bool:
     return (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
 
 
+def is_quantized(path: Path) -> bool:
+    """A `jobs/quantize.py` output (INT8/INT4 weights)."""
+    from mamba_slm.platform.post.quantize import is_quantized_dir
+
+    return is_quantized_dir(path)
+
+
 def find_eos(tokenizer: Tokenizer, metadata: dict | None = None) -> tuple[int, str]:
     """The end-of-text token: the model dir's metadata `eos_id` when present, else the
     usual names among the tokenizer's special tokens (the curation's BPE has exactly one)."""
@@ -100,8 +107,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu",
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist or is not a directory")
-    quantized = is_pretrained_dir(path) and "quantization" in json.loads((path / CONFIG_FILE).read_text())
-    if is_pretrained_dir(path) and not quantized:
+    if is_pretrained_dir(path) and not is_quantized(path):
         model = load_pretrained(path, device=device)
     else:  # a training checkpoint or run directory, or a quantized model (jobs/quantize.py)
         model = _load_training_checkpoint(path, device)

@@ -94,6 +94,8 @@ class FinetuneJob:
             raise ValueError(f"eval_fraction={self.eval_fraction}: must be in [0, 1)")
         if self.eval_fraction and self.eval_data:
             raise ValueError("give eval_data or eval_fraction, not both")
+        if self.training.zero_stage != 2:  # held_out_loss and the merge assume whole weights on every worker
+            raise ValueError(f"fine-tuning runs ZeRO-2 only, not zero_stage={self.training.zero_stage}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -254,8 +254,8 @@ def load_model(path: str | Path, device: str = "cpu") -> HybridLM:
         from mamba_slm.platform.post.quantize import load_quantized
 
         if quantization.get("bits") == 4 and torch.device(device).type != "cpu":
-            raise ValueError(f"{path} is an INT4 model, which runs on a CPU only: load it with device='cpu' "
-                             "(or quantize with --bits 8 for a GPU)")
+            raise ValueError(f"{path} is an INT4 model, which runs on a CPU only: load it on the CPU "
+                             "(--device cpu in the jobs), or quantize with --bits 8 for a GPU")
         return load_quantized(path).to(device)
     if (path / "model" / WEIGHTS_FILE).is_file():
         return load_pretrained(path / "model", device=device)

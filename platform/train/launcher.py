@@ -41,6 +41,16 @@ def is_uri(path: str) -> bool:
     return "://" in path
 
 
+def holds_checkpoint(path: Path) -> bool:
+    """A checkpoint directory, or one holding checkpoints (by listing; rank 0 verifies
+    their checksums when it resumes)."""
+    from mamba_slm.platform.fault.integrity import checkpoints_newest_first
+
+    from .checkpoint import STATE_FILE
+
+    return (path / STATE_FILE).is_file() or any((c / STATE_FILE).is_file() for c in checkpoints_newest_first(path))
+
+
 def check_validation_split(data_path: str, training: TrainingConfig) -> None:
     """--eval-every needs a val split of at least one global batch (ValueError otherwise)."""
     from .data import PackedSampleReader
@@ -91,8 +101,8 @@ def resolve_job(training: TrainingConfig, data: DataConfig, run: RunConfig,
         storage = str(Path(storage).resolve())
     if run.storage_path == "" and output.name != name:
         storage = str(output / "checkpoints")  # a custom --output-dir keeps its checkpoints inside
-    if run.resume_from and not Path(run.resume_from).is_dir():
-        raise ValueError(f"--resume-from {run.resume_from}: no such directory (give a checkpoint, "
+    if run.resume_from and not holds_checkpoint(Path(run.resume_from)):
+        raise ValueError(f"--resume-from {run.resume_from}: no checkpoint there (give a checkpoint, "
                          "step_NNNNNNNN/, or a run directory holding them, on a path this machine and "
                          "the workers can read)")
     run = dataclasses.replace(run, name=name, output_dir=str(output), storage_path=storage,

@@ -132,9 +132,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                                    - last_report >= RAY_REPORT_EVERY_S)
             metrics = step_metrics(state, result, elapsed, tcfg.tokens_per_step(reader.seq_len),
                                    flops_per_token, peak, world)
-            # collective, on the same steps everywhere (agreed.stop is every worker's answer)
-            if validator is not None and validation_due(state.step, tcfg, agreed.stop and state.step < tcfg.max_steps):
-                metrics.update(validator.evaluate(engine))
+            # collective, on the same steps everywhere (agreed.stop is every worker's answer;
+            # a stop for bad steps follows the global loss and overflow checks)
+            stopping_early = (agreed.stop or bool(state.stop_reason)) and state.step < tcfg.max_steps
+            if validator is not None and validation_due(state.step, tcfg, stopping_early):
+                metrics.update(validator.evaluate(engine, interrupted=lambda: bool(ft.watcher.check())) or {})
             metrics["preempted"] = ft.preempted
             if startup:  # the first step of this worker group: from entry to its end
                 metrics.update(startup, startup_s=time.monotonic() - started)

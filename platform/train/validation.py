@@ -6,8 +6,11 @@ The same loss as the training step (the chunked cross-entropy through the DeepSp
 engine, so ZeRO-3 gathers its weights as in training; no gradients), on the same rows at
 every evaluation: the first `eval_batches` global batches of the split, each worker its
 slice of each, in micro-batches as in training. The set depends on the global batch only,
-so an elastic run that shrinks or grows evaluates the same rows. A collective: every
-worker calls `evaluate` on the same steps (ZeRO-3's forward gathers across them)."""
+so an elastic run that shrinks or grows evaluates the same rows (which rows: the split in
+the seed's shuffled order). A collective: every worker calls `evaluate` on the same steps
+(ZeRO-3's forward gathers across them). A preemption notice during an evaluation ends it
+after the current global batch (the workers agree on it), so the checkpoint the notice asks
+for is not kept waiting by the rest of the evaluation."""
 from __future__ import annotations
 
 import math
@@ -15,6 +18,8 @@ import time
 
 import torch
 import torch.distributed as dist
+
+from mamba_slm.platform.fault.worker import all_reduce_max
 
 from .data import PackedSampleReader, rank_sample_ids
 
@@ -39,14 +44,17 @@ class Validator:
         self.rank, self.world = rank, world
 
     @torch.no_grad()
-    def evaluate(self, engine) -> dict[str, float]:
-        """-> {"val_loss", "val_ppl", "val_time_s"}, the same on every worker."""
+    def evaluate(self, engine, interrupted=lambda: False) -> dict[str, float] | None:
+        """-> {"val_loss", "val_ppl", "val_time_s"}, the same on every worker; None when
+        `interrupted()` (this worker's preemption notice) turned true on any worker."""
         started = time.perf_counter()
         was_training = engine.training
         engine.eval()
         losses = []
         try:
             for b in range(self.batches):
+                if all_reduce_max([1.0 if interrupted() else 0.0])[0] > 0:
+                    return None
                 ids = rank_sample_ids(b * self.global_batch, self.global_batch, self.rank, self.world)
                 for i in range(0, len(ids), self.micro_batch):
                     mb = self.reader.batch(ids[i:i + self.micro_batch])
@@ -65,8 +73,8 @@ class Validator:
 
 
 def validation_due(step: int, cfg, stopping_early: bool) -> bool:
-    """Every `eval_every` steps and at the last step; not when the run stops early (a
-    preemption's grace period, too many bad steps)."""
+    """Every `eval_every` steps and at the last step; not at a step where the run stops
+    early (a preemption notice: its grace period is for the checkpoint; too many bad steps)."""
     if not cfg.eval_every or stopping_early:
         return False
     return step % cfg.eval_every == 0 or step >= cfg.max_steps

@@ -29,7 +29,7 @@ def test_quantized_linear_matches_dequantized_weights(bits):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_quantized_model_round_trip_and_loss(tiny_model_dir, tmp_path, bits):
+def test_quantized_model_round_trip_and_loss(tiny_model_dir, tmp_path, bits, repo_root):
     model = load_pretrained(tiny_model_dir)
     ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -62,6 +62,17 @@ def test_quantized_model_round_trip_and_loss(tiny_model_dir, tmp_path, bits):
     if bits == 4:
         with pytest.raises(ValueError, match="INT4 model, which runs on a CPU only"):
             load_model(out, device="cuda")
+    else:  # the jobs that need the float model say so (exit 2), not a traceback from deep inside
+        import subprocess
+        import sys
+
+        for job, args, needle in (
+                ("export_hf.py", ["--output", str(tmp_path / "hf")], "quantized model (jobs/quantize.py), which Bamba"),
+                ("finetune.py", ["--data", str(tmp_path / "c.jsonl"), "--output", str(tmp_path / "sft")],
+                 "is quantized (jobs/quantize.py): fine-tune the float model")):
+            proc = subprocess.run([sys.executable, f"jobs/{job}", "--checkpoint", str(out), *args], cwd=repo_root,
+                                  capture_output=True, text=True, timeout=120)
+            assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_quant_config_rejects_bad_values():

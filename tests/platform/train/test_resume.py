@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -48,6 +49,15 @@ def test_interrupted_run_resumes_exactly(synthetic_data, tmp_path, tiny_run, uni
     assert [s for s, _ in val] == [4, 8]
     torch.testing.assert_close([v for _, v in val], [m["val_loss"] for m in read_metrics(full) if "val_loss" in m],
                                **tol, msg="resumed val losses differ")
+    if not gpu:  # and it is the step-8 model's loss on the first 2 global batches of val, both halves
+        from mamba_slm.platform.train.checkpoint import load_model
+        from mamba_slm.platform.train.data import PackedSampleReader
+
+        model, reader = load_model(full / "model"), PackedSampleReader(synthetic_data, "val", seed=11)
+        with torch.no_grad():
+            want = [model(b.input_ids, seq_idx=b.seq_idx, labels=b.labels, return_logits=False).loss.item()
+                    for b in (reader.batch(np.arange(i, i + 2)) for i in range(0, 16, 2))]
+        assert val[-1][1] == pytest.approx(sum(want) / len(want), abs=1e-5)
     a = load_file(str(full / "model" / "model.safetensors"))
     b = load_file(str(tmp_path / f"z{stage}-interrupted" / "model" / "model.safetensors"))
     assert a.keys() == b.keys()

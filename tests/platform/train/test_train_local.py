@@ -182,9 +182,11 @@ def test_resume_from_starts_a_new_run_then_yields_to_its_own_checkpoints(synthet
     assert (tmp_path / "storage" / "seeded" / "step_00000004").is_dir()  # its own step 4, not base's
     assert "checkpoints of its own (step_00000004)" in caplog.text and "not from --resume-from" in caplog.text
 
-    with pytest.raises(ValueError, match="--resume-from .*nowhere: no such directory"):
-        resolve_job(TrainingConfig(max_steps=1), DataConfig(path=str(synthetic_data)),
-                    RunConfig(name="r", output_dir=str(tmp_path / "r"), resume_from=str(tmp_path / "nowhere")))
+    (tmp_path / "empty").mkdir()
+    for where in ("nowhere", "empty"):  # a typo, or a directory without a checkpoint
+        with pytest.raises(ValueError, match=f"--resume-from .*{where}: no checkpoint there"):
+            resolve_job(TrainingConfig(max_steps=1), DataConfig(path=str(synthetic_data)),
+                        RunConfig(name="r", output_dir=str(tmp_path / "r"), resume_from=str(tmp_path / where)))
 
 
 def test_validation_loss_every_n_steps_on_the_same_val_rows(synthetic_data, tmp_path):
@@ -219,3 +221,23 @@ def test_validation_needs_a_val_split_of_one_global_batch(tmp_path):
     with pytest.raises(ValueError, match="'val' split has 4 rows, fewer than one global batch \\(8\\).*--eval-every 0"):
         resolve_job(cfg, DataConfig(path=str(small)), run)
     resolve_job(dataclasses_replace(cfg, eval_every=0), DataConfig(path=str(small)), run)  # off: no check
+
+
+def test_validator_averages_the_val_rows_and_stops_for_a_preemption(synthetic_data):
+    """The evaluation alone (one worker): the mean training loss over the first eval_batches
+    global batches of `val`, model put back in train mode; nothing when a notice came."""
+    from mamba_slm.model import HybridLM, ModelConfig
+    from mamba_slm.platform.train.data import PackedSampleReader
+    from mamba_slm.platform.train.validation import Validator
+
+    cfg = TrainingConfig(global_batch_size=8, micro_batch_size=2, eval_batches=2, seed=7)
+    model = HybridLM(ModelConfig.from_name("tiny", vocab_size=256)).train()
+    model.device = torch.device("cpu")  # what evaluate reads of a DeepSpeed engine
+    got = Validator(str(synthetic_data), cfg, rank=0, world=1).evaluate(model)
+    assert model.training
+    reader = PackedSampleReader(synthetic_data, "val", seed=7)
+    with torch.no_grad():
+        want = [model.eval()(b.input_ids, seq_idx=b.seq_idx, labels=b.labels, return_logits=False).loss.item()
+                for b in (reader.batch(np.arange(i, i + 2)) for i in range(0, 16, 2))]
+    assert got["val_loss"] == pytest.approx(sum(want) / len(want), abs=1e-6)
+    assert Validator(str(synthetic_data), cfg, rank=0, world=1).evaluate(model, interrupted=lambda: True) is None
