@@ -1,9 +1,9 @@
 """Load a model of this project for evaluation or export, whatever wrote it.
 
-- a `save_pretrained` directory (config.json + model.safetensors + tokenizer.json), the
-  final model of a training run: `mamba_slm.model.io.load_pretrained`;
-- anything else (a DeepSpeed / Ray Train checkpoint directory): the training platform's
-  `mamba_slm.platform.train.checkpoint.load_model(path)`, which knows its layout.
+A `save_pretrained` directory (config.json + model.safetensors + tokenizer.json, the
+final model of a training run), a quantized one (jobs/quantize.py), a DeepSpeed / Ray Train
+checkpoint or a run directory: `mamba_slm.platform.train.checkpoint.load_model(path)` opens
+each; this module adds the tokenizer and the end-of-text token.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from mamba_slm.model import HybridLM
-from mamba_slm.model.io import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load_pretrained
+from mamba_slm.model.io import CONFIG_FILE, TOKENIZER_FILE
 
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
 
@@ -30,17 +30,6 @@ class LoadedModel:
     eos_id: int
     eos_token: str
     source: Path
-
-
-def is_pretrained_dir(path: Path) -> bool:
-    return (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
-
-
-def is_quantized(path: Path) -> bool:
-    """A `jobs/quantize.py` output (INT8/INT4 weights)."""
-    from mamba_slm.platform.post.quantize import is_quantized_dir
-
-    return is_quantized_dir(path)
 
 
 def find_eos(tokenizer: Tokenizer, metadata: dict | None = None) -> tuple[int, str]:
@@ -60,14 +49,9 @@ def find_eos(tokenizer: Tokenizer, metadata: dict | None = None) -> tuple[int, s
                           f"and a single special token); add 'eos_id' to the model's config.json")
 
 
-def _load_training_checkpoint(path: Path, device: str) -> HybridLM:
-    try:
-        from mamba_slm.platform.train.checkpoint import load_model
-    except ImportError as exc:
-        raise CheckpointError(
-            f"{path} is not a save_pretrained model directory (no {CONFIG_FILE} + {WEIGHTS_FILE}) "
-            f"and the training checkpoint loader mamba_slm.platform.train.checkpoint.load_model "
-            f"is not available ({exc}); pass the final model directory of a run") from exc
+def _load_model(path: Path, device: str) -> HybridLM:
+    from mamba_slm.platform.train.checkpoint import load_model
+
     try:
         return load_model(path, device=device).eval()
     except (FileNotFoundError, ValueError) as exc:
@@ -107,10 +91,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu",
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist or is not a directory")
-    if is_pretrained_dir(path) and not is_quantized(path):
-        model = load_pretrained(path, device=device)
-    else:  # a training checkpoint or run directory, or a quantized model (jobs/quantize.py)
-        model = _load_training_checkpoint(path, device)
+    model = _load_model(path, device)
     found, metadata = _tokenizer_and_metadata(path)
     tok_path = Path(tokenizer_file) if tokenizer_file else found
     if tok_path is None or not tok_path.is_file():

@@ -22,7 +22,7 @@ from mamba_slm.model.convert_hf import (from_bamba_config, from_bamba_state_dict
                                         to_bamba_state_dict)
 from mamba_slm.model.io import TOKENIZER_FILE, save_pretrained
 
-from .checkpoint import CheckpointError, is_quantized, load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint
 
 # fp32 on CPU: the two implementations differ only in summation order (measured max
 # |diff| ~2e-7 for logits of magnitude ~1 on the tiny preset); 1e-4 leaves room for depth.
@@ -67,7 +67,9 @@ def export_hf(checkpoint: str | Path, output: str | Path, tokenizer_file: str | 
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"dtype={dtype!r}; expected one of {sorted(EXPORT_DTYPES)}")
-    if is_quantized(Path(checkpoint)):
+    from mamba_slm.platform.post.quantize import is_quantized_dir
+
+    if is_quantized_dir(checkpoint):
         raise CheckpointError(f"{checkpoint} is a quantized model (jobs/quantize.py), which Bamba cannot "
                               "hold: export the float model it was made from")
     loaded = load_checkpoint(checkpoint, device="cpu", tokenizer_file=tokenizer_file)

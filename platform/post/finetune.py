@@ -173,29 +173,15 @@ def padded_batch(examples, rows: list[int], pad_id: int) -> Batch:
     return Batch(ids, labels, torch.zeros_like(ids, dtype=torch.int32), np.array(rows))
 
 
-@torch.no_grad()
 def held_out_loss(engine, examples, micro_batch: int, rank: int, world: int, pad_id: int) -> dict[str, float]:
     """Loss per assistant token over all held-out conversations (this worker: every
-    world-th one), the same on every worker. ZeRO-2: the forward needs no other worker."""
-    import torch.distributed as dist
+    world-th one), the same on every worker (one group each: ZeRO-2's forward needs no
+    other worker, so the workers' counts of micro-batches may differ)."""
+    from mamba_slm.platform.train.validation import held_out_metrics
 
     rows = list(range(rank, len(examples), world))
-    total = torch.zeros(2, dtype=torch.float64, device=engine.device)  # loss sum, tokens
-    was_training = engine.training
-    engine.eval()
-    try:
-        for i in range(0, len(rows), micro_batch):
-            b = padded_batch(examples, rows[i:i + micro_batch], pad_id)
-            dev = engine.device
-            out = engine(b.input_ids.to(dev), seq_idx=b.seq_idx.to(dev), labels=b.labels.to(dev), return_logits=False)
-            n = (b.labels != -100).sum()
-            total += torch.stack([out.loss.double() * n, n.double().to(dev)])
-    finally:
-        engine.train(was_training)
-    if dist.is_initialized() and world > 1:
-        dist.all_reduce(total)
-    loss = (total[0] / total[1]).item()
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(total[1].item())}
+    mbs = [padded_batch(examples, rows[i:i + micro_batch], pad_id) for i in range(0, len(rows), micro_batch)]
+    return held_out_metrics(engine, [mbs], world)
 
 
 def build_lora_model(job: FinetuneJob):

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from mamba_slm.model.layers import allow_recompiles
+from mamba_slm.platform.extras import missing_extra
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +59,10 @@ def apply_float8(model: nn.Module, compile_modules: bool | None = None) -> list[
     """Swap the blocks' linears of `model` for float8 ones, in place (see the module
     docstring) -> the names of the swapped modules. `compile_modules` (default: on a GPU)
     compiles each swapped module's forward."""
-    try:
-        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-    except ImportError as exc:
-        raise ImportError("float8 training needs torchao: pip install 'mamba-slm[float8]' "
-                          f"(torchao>=0.18) ({exc})") from exc
+    if msg := missing_extra("float8", what="float8 training"):
+        raise ImportError(msg)
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
     device = next(model.parameters()).device
     check_float8_device(device)
     markers = {name: {m: getattr(mod, m) for m in _MARKERS if hasattr(mod, m)}

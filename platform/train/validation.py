@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from mamba_slm.platform.fault.worker import all_reduce_max
 
-from .data import PackedSampleReader, rank_sample_ids
+from .data import Batch, PackedSampleReader, rank_sample_ids
 
 SPLIT = "val"
 
@@ -43,33 +43,46 @@ class Validator:
         self.batches = validation_batches(self.reader, self.global_batch, cfg.eval_batches)
         self.rank, self.world = rank, world
 
-    @torch.no_grad()
     def evaluate(self, engine, interrupted=lambda: False) -> dict[str, float] | None:
-        """-> {"val_loss", "val_ppl", "val_time_s"}, the same on every worker; None when
+        """-> `held_out_metrics` of the val rows, the same on every worker; None when
         `interrupted()` (this worker's preemption notice) turned true on any worker."""
-        started = time.perf_counter()
-        was_training = engine.training
-        engine.eval()
-        losses = []
-        try:
+        def global_batches():  # read as they are evaluated
             for b in range(self.batches):
-                if all_reduce_max([1.0 if interrupted() else 0.0])[0] > 0:
-                    return None
                 ids = rank_sample_ids(b * self.global_batch, self.global_batch, self.rank, self.world)
-                for i in range(0, len(ids), self.micro_batch):
-                    mb = self.reader.batch(ids[i:i + self.micro_batch])
-                    dev = engine.device
-                    out = engine(mb.input_ids.to(dev), seq_idx=mb.seq_idx.to(dev), labels=mb.labels.to(dev),
-                                 return_logits=False)
-                    losses.append(out.loss.detach().float())
-        finally:
-            engine.train(was_training)
-        # every row has seq_len targets, so the mean over micro-batches is the mean per token
-        total = torch.stack(losses).sum().reshape(1)
-        if dist.is_initialized() and self.world > 1:
-            dist.all_reduce(total)
-        loss = total.item() / (len(losses) * self.world)
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_time_s": time.perf_counter() - started}
+                yield [self.reader.batch(ids[i:i + self.micro_batch]) for i in range(0, len(ids), self.micro_batch)]
+
+        return held_out_metrics(engine, global_batches(), self.world, interrupted)
+
+
+@torch.no_grad()
+def held_out_metrics(engine, groups, world: int, interrupted=None) -> dict[str, float] | None:
+    """The training loss per target token (labels -100 left out) over every worker's
+    `groups` of micro-batches (`Batch`es), no gradients, the engine put back in its mode:
+    {"val_loss", "val_ppl", "val_tokens", "val_time_s"}, the same on every worker. A
+    collective: the workers pass equally many groups (ZeRO-3's forward gathers across them);
+    with `interrupted`, they agree before each group whether to stop, and then get None."""
+    started = time.perf_counter()
+    was_training = engine.training
+    engine.eval()
+    dev = engine.device
+    total = torch.zeros(2, dtype=torch.float64, device=dev)  # loss sum, tokens
+    try:
+        for group in groups:
+            if interrupted is not None and all_reduce_max([1.0 if interrupted() else 0.0])[0] > 0:
+                return None
+            for mb in group:
+                mb: Batch
+                out = engine(mb.input_ids.to(dev), seq_idx=mb.seq_idx.to(dev), labels=mb.labels.to(dev),
+                             return_logits=False)
+                n = (mb.labels != -100).sum().to(dev, torch.float64)
+                total += torch.stack([out.loss.double() * n, n])
+    finally:
+        engine.train(was_training)
+    if dist.is_initialized() and world > 1:
+        dist.all_reduce(total)
+    loss = (total[0] / total[1]).item()
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(total[1].item()),
+            "val_time_s": time.perf_counter() - started}
 
 
 def validation_due(step: int, cfg, stopping_early: bool) -> bool:
