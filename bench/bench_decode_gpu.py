@@ -1,7 +1,7 @@
 """Batch-1 decode on one GPU: this project's model, eager and CUDA graphs, beside mamba-ssm's
 reference hybrid of the same shape with its CUDA-graph decoder, in one process.
 
-    python bench/bench_decode_gpu.py --size 1.3B --prompt 128 --new 256 [--profile] [--out rows.jsonl]
+    python bench/bench_decode_gpu.py --size 1.3B --prompt 128 --new 256 [--profile] [--breakdown] [--out rows.jsonl]
 
 Every side: random weights in bf16, a random 128-token prompt, greedy decoding; the timed
 call is the second one (the first captures graphs and runs Triton's autotuning), and covers
@@ -315,6 +315,83 @@ def profile_step(model, prompt_len: int, bandwidth: float) -> list[dict]:
     return rows
 
 
+@torch.no_grad()
+def generate_breakdown(model, prompt: torch.Tensor, new: int, cache_lens: list[int]) -> list[dict]:
+    """Where generate's time per token goes beyond the captured step (ms per token, one
+    decoder each, after the prompt): the step replayed at each cache length (attention
+    reads the whole static cache, masked), `Decoder.step` in a loop (host work per token),
+    that loop plus greedy sampling and the output write (generate without its prompt),
+    and generate itself minus its prompt."""
+    from mamba_slm.model import attention
+
+    rows, T = [], prompt.shape[1]
+    kernel_supported = attention.decode_attention_supported
+    for sdpa in (True, False):  # decode attention: SDPA over the masked cache, then the kernel
+        attention.decode_attention_supported = (lambda q, k: False) if sdpa else kernel_supported
+        for max_len in cache_lens:
+            generation._GRAPH_DECODERS.pop(model, None)  # recapture with this attention
+            dec = generation.make_decoder(model, 1, max_len, True)
+            dec.prefill(prompt)
+            n = min(new, dec.cache.max_len - T - 2)  # replays bypass the room check (+1 warm call)
+            ms = time_cuda(dec.graph.replay, n) / n * 1e3
+            rows.append(dict(what=f"graph.replay alone, cache {dec.cache.max_len}, "
+                                  f"{'SDPA + mask' if sdpa else 'decode kernel'}", ms_per_token=round(ms, 4)))
+    attention.decode_attention_supported = kernel_supported
+    generation._GRAPH_DECODERS.pop(model, None)
+    dec = generation.make_decoder(model, 1, T + new, True)  # generate's own cache length
+    dec.prefill(prompt)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(64):
+        dec.graph.replay()
+    host = (time.perf_counter() - t0) / 64 * 1e3
+    torch.cuda.synchronize()
+    rows.append(dict(what="host time per graph.replay() call, 64 calls without a sync", ms_per_token=round(host, 4)))
+    dec.prefill(prompt)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(new - 1):
+        dec._token.copy_(prompt[:, -1:])
+        dec.graph.replay()
+    torch.cuda.synchronize()
+    rows.append(dict(what="token copy + graph.replay loop, wall clock",
+                     ms_per_token=round((time.perf_counter() - t0) / (new - 1) * 1e3, 4)))
+    tok = prompt[:, -1]
+    out = torch.empty(1, T + new + 1, dtype=prompt.dtype, device="cuda")
+    out[:, :T] = prompt
+
+    def steps(sample: bool):
+        logits = dec.prefill(prompt)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for i in range(new - 1):
+            nxt = generation.sample_next(logits, out[:, :T + i], temperature=0) if sample else tok
+            if sample:
+                out[:, T + i] = nxt
+            logits = dec.step(nxt)
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / (new - 1) * 1e3
+
+    for sample in (False, True):
+        steps(sample)  # warm
+        rows.append(dict(what=f"Decoder.step loop{' + sample_next + write' if sample else ''}, cache {dec.cache.max_len}",
+                         ms_per_token=round(min(steps(sample) for _ in range(3)), 4)))
+    prefill_ms = time_cuda(lambda: dec.prefill(prompt), 5) / 5 * 1e3
+    gen_ms = time_cuda(lambda: model.generate(prompt, max_new_tokens=new, temperature=0, cuda_graphs=True), 3) / 3 * 1e3
+    rows.append(dict(what=f"generate ({new} tokens) minus its prompt ({prefill_ms:.1f} ms)",
+                     ms_per_token=round((gen_ms - prefill_ms) / new, 4)))
+    try:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            model.generate(prompt, max_new_tokens=64, temperature=0, cuda_graphs=True)
+            torch.cuda.synchronize()
+        print("\ngenerate, 64 new tokens, torch.profiler, by CPU time:\n" + prof.key_averages().table(
+            sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+    except Exception as exc:  # noqa: BLE001 - extra information
+        print(f"generate profile failed: {exc!r}")
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="1.3B")
@@ -334,6 +411,9 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true")
     p.add_argument("--compiled", action="store_true",
                    help="also time the experimental torch.compile'd reference decode step")
+    p.add_argument("--breakdown", type=int, nargs="*", metavar="CACHE_LEN",
+                   help="where generate's time per token goes beyond the step (ours, bf16), the step "
+                        "timed at these cache lengths (default: 256 512 2048 8192)")
     p.add_argument("--out", default=None, help="append JSON lines here")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -395,6 +475,12 @@ def main(argv=None) -> int:
             print(f"\nINT8 step: kernels per step (profiler, 10 replays): {launches:.0f}\n{table}")
         except Exception as exc:  # noqa: BLE001 - extra information
             print(f"INT8 profile failed: {exc!r}", flush=True)
+    if args.breakdown is not None and ours is not None:
+        try:
+            print("\ngenerate's time per token (ours, bf16, CUDA graphs):")
+            print_table(generate_breakdown(ours, prompt, args.new, args.breakdown or [256, 512, 2048, 8192]))
+        except Exception as exc:  # noqa: BLE001 - extra information; the table still prints
+            print(f"breakdown failed: {exc!r}", flush=True)
     print(f"\ndecode, {args.size}, batch 1, prompt {args.prompt}, {args.new} new tokens, bf16, greedy; "
           f"{dev}; weights read per step {bf16_bytes / 1e9:.2f} GB (bf16)")
     print_table(rows)

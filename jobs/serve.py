@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="auto: the GPU when there is one (bf16, CUDA-graph decoding), else the CPU")
+                   help="auto: the GPU when there is one (bf16, CUDA-graph decoding; INT8 models too), "
+                        "else the CPU; INT4 models run on the CPU")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(msg)
     import uvicorn
 
-    from mamba_slm.platform.post.loading import load_model_dir
+    from mamba_slm.platform.post.loading import load_model_dir, place
     from mamba_slm.platform.post.serve import create_app
 
     if args.threads:
@@ -56,11 +57,13 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_model_dir(args.checkpoint)
     except (FileNotFoundError, ValueError) as exc:
         parser.error(f"--checkpoint: {exc}")
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda":
-        if loaded.quantized:
-            parser.error("--checkpoint is a quantized (CPU inference) model: serve it with --device cpu")
-        loaded.model.to("cuda", torch.bfloat16)
+    device = args.device
+    if device == "auto":  # an INT4 model runs on the CPU even where there is a GPU
+        device = "cuda" if torch.cuda.is_available() and not loaded.cpu_only else "cpu"
+    try:
+        place(loaded, device)
+    except ValueError as exc:
+        parser.error(f"--checkpoint: {exc}")
     uvicorn.run(create_app(loaded), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

@@ -13,9 +13,10 @@ Paths, chosen by `ModelConfig.attn_impl`:
   would fall off its flash kernels (Dong et al. 2024, "Flex Attention"). If compiling it
   fails, a warning says so and the dense-mask SDPA runs instead.
 Decoding keeps keys/values in a static cache (`KVState`): buffers of `max_len` positions
-allocated up front, written at a position held in a device tensor and read under a mask
-of the positions filled so far, so a decode step launches the same kernels on the same
-memory every time and one CUDA graph serves every step (`mamba_slm.model.generation`).
+allocated up front, written at a position held in a device tensor and read up to it (on
+a GPU a flash-decoding kernel that reads the filled positions only, `model/kernels.py`;
+elsewhere SDPA under a mask of them), so a decode step launches the same kernels on the
+same memory every time and one CUDA graph serves every step (`mamba_slm.model.generation`).
 Names match transformers' `BambaAttention` (q_proj, k_proj, v_proj, o_proj; no biases).
 """
 from __future__ import annotations
@@ -28,7 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .kernels import rope_cache_update, rope_cache_update_ref, triton
+from .kernels import (decode_attention, decode_attention_ref, decode_attention_supported, rope_cache_update,
+                      rope_cache_update_ref, triton)
 from .layers import PackedLinears, RotaryEmbedding, apply_rotary
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,6 @@ class KVState:
     v: torch.Tensor             # (B, kv_heads, max_len, head_dim)
     offset: torch.Tensor        # (1,) int64: tokens already cached, shared by all layers
     rope: torch.Tensor          # (max_len, 2, rotary_dim) float32: cos and sin per position
-    key_pos: torch.Tensor       # (max_len,) int64: arange, compared with offset for the mask
 
     def reset(self) -> None:
         self.k.zero_()
@@ -158,7 +159,7 @@ class Attention(nn.Module):
         cos, sin = self.rotary(positions)
         return KVState(k=torch.zeros(shape, device=device, dtype=dtype),
                        v=torch.zeros(shape, device=device, dtype=dtype), offset=offset,
-                       rope=torch.stack([cos, sin], dim=1), key_pos=positions)
+                       rope=torch.stack([cos, sin], dim=1))
 
     def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None,
                 state: KVState | None = None) -> torch.Tensor:
@@ -207,12 +208,14 @@ class Attention(nn.Module):
             qkv = torch.cat([self.q_proj(x[:, 0]), self.k_proj(x[:, 0]), self.v_proj(x[:, 0])], dim=-1)
         update = rope_cache_update if self.use_kernel and triton is not None and x.is_cuda else rope_cache_update_ref
         q = update(qkv, state.rope, state.offset, state.k, state.v, self.n_heads, self.head_dim)  # (B, H, D)
-        valid = (state.key_pos <= state.offset)[None]  # (1, max_len): filled positions, this one included
         # GQA without repeating keys: the n_heads / n_kv_heads query heads of a group
         # (consecutive heads, as `enable_gqa` groups them) become that many queries
         # against the group's one key/value head.
         q = q.reshape(b, self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim)
-        out = F.scaled_dot_product_attention(q, state.k, state.v, attn_mask=valid)
+        if update is rope_cache_update and decode_attention_supported(q, state.k):
+            out = decode_attention(q, state.k, state.v, state.offset)  # the filled positions only
+        else:
+            out = decode_attention_ref(q, state.k, state.v, state.offset)
         return out.reshape(b, 1, self.n_heads * self.head_dim)
 
     def _sdpa(self, q, k, v, seq_idx, offset: int) -> torch.Tensor:

@@ -8,6 +8,14 @@ inside a CUDA graph), writes the rotated query to `q_out`, and writes the key an
 into the static cache at that position. In PyTorch the same is ~14 launches (rope
 gather, casts, chunk/neg/cat of rotate-half, products, two index_copy_), each a few
 microseconds at batch 1.
+
+`decode_attention`: one query token per row against the static KV cache, reading only
+the filled positions (flash-decoding: the filled keys split into blocks of SPLIT
+positions, one program per (row, kv head, split) with an online softmax, then one program
+per (row, kv head) combining the splits). The number of filled positions is read from the
+cache's device counter, so the grid is fixed by the cache length and the step replays
+inside a CUDA graph. SDPA with a (max_len,) mask reads and masks the whole cache: on an
+H200 the 1.3B step took 1.39 ms with a 256-position cache and 2.31 ms with 8,192.
 """
 from __future__ import annotations
 
@@ -79,3 +87,118 @@ def rope_cache_update_ref(qkv: torch.Tensor, rope: torch.Tensor, offset: torch.T
     k_cache.index_copy_(2, offset, k.to(k_cache.dtype))
     v_cache.index_copy_(2, offset, v.to(v_cache.dtype))
     return q.squeeze(2)
+
+
+DECODE_SPLIT = 256  # cache positions per program of decode_attention
+if triton is not None:
+    @triton.jit
+    def _decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, offset_ptr, acc_ptr, ml_ptr, scale,
+                                  stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+                                  KVH: tl.constexpr, G: tl.constexpr, D: tl.constexpr, NSPLIT: tl.constexpr,
+                                  SPLIT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+                                  IEEE: tl.constexpr):
+        bh = tl.program_id(0)  # row * KVH + kv head
+        split = tl.program_id(1)
+        b, h = bh // KVH, bh % KVH
+        n_valid = tl.load(offset_ptr) + 1  # this step's key is written: positions [0, offset]
+        start = split * SPLIT
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, D)
+        q = tl.load(q_ptr + (bh * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0)
+        m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+        l = tl.zeros((BLOCK_G,), tl.float32)
+        acc = tl.zeros((BLOCK_G, D), tl.float32)
+        k_base = k_ptr + b * stride_kb + h * stride_kh
+        v_base = v_ptr + b * stride_vb + h * stride_vh
+        for n0 in range(0, SPLIT, BLOCK_N):  # a static trip count (Triton's interpreter needs one)
+            if start + n0 < n_valid:  # blocks holding filled positions only
+                n = start + n0 + tl.arange(0, BLOCK_N)
+                ok = n < n_valid
+                k = tl.load(k_base + n[:, None] * stride_kt + d[None, :], mask=ok[:, None], other=0.0)
+                if IEEE:
+                    s = tl.dot(q, tl.trans(k), input_precision="ieee")
+                else:
+                    s = tl.dot(q, tl.trans(k))
+                s = tl.where(ok[None, :], s * scale, float("-inf"))
+                m_new = tl.maximum(m, tl.max(s, 1))  # finite: the first block holds a filled key
+                alpha = tl.exp(m - m_new)
+                p = tl.exp(s - m_new[:, None])
+                l = l * alpha + tl.sum(p, 1)
+                v = tl.load(v_base + n[:, None] * stride_vt + d[None, :], mask=ok[:, None], other=0.0)
+                if IEEE:
+                    acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+                else:
+                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                m = m_new
+        # splits past the filled positions store m = -inf, l = 0, acc = 0 (weight 0 below)
+        row = bh * NSPLIT + split
+        tl.store(acc_ptr + (row * BLOCK_G + g[:, None]) * D + d[None, :], acc)
+        tl.store(ml_ptr + (row * 2) * BLOCK_G + g, m)
+        tl.store(ml_ptr + (row * 2 + 1) * BLOCK_G + g, l)
+
+    @triton.jit
+    def _decode_attn_combine_kernel(acc_ptr, ml_ptr, out_ptr, offset_ptr,
+                                    G: tl.constexpr, D: tl.constexpr, NSPLIT: tl.constexpr,
+                                    SPLIT: tl.constexpr, BLOCK_G: tl.constexpr):
+        bh = tl.program_id(0)
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, D)
+        used = tl.minimum(tl.cdiv(tl.load(offset_ptr) + 1, SPLIT), NSPLIT)  # splits holding keys
+        m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+        l = tl.zeros((BLOCK_G,), tl.float32)
+        acc = tl.zeros((BLOCK_G, D), tl.float32)
+        for split in range(0, NSPLIT):
+            if split < used:
+                row = bh * NSPLIT + split
+                m_s = tl.load(ml_ptr + (row * 2) * BLOCK_G + g)
+                l_s = tl.load(ml_ptr + (row * 2 + 1) * BLOCK_G + g)
+                acc_s = tl.load(acc_ptr + (row * BLOCK_G + g[:, None]) * D + d[None, :])
+                m_new = tl.maximum(m, m_s)
+                alpha, beta = tl.exp(m - m_new), tl.exp(m_s - m_new)
+                l = l * alpha + l_s * beta
+                acc = acc * alpha[:, None] + acc_s * beta[:, None]
+                m = m_new
+        out = acc / l[:, None]
+        tl.store(out_ptr + (bh * G + g[:, None]) * D + d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=g[:, None] < G)
+
+
+def decode_attention_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Shapes the kernel takes: head_dim a power of two in [16, 256], at most 16 query
+    heads per kv head, and q, k, v in one dtype."""
+    d, g = q.shape[-1], q.shape[-2]
+    return d & (d - 1) == 0 and 16 <= d <= 256 and g <= 16 and q.dtype == k_cache.dtype
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     offset: torch.Tensor) -> torch.Tensor:
+    """q (B, KVH, G, D): the G query heads of each kv head, for one token per row at
+    position `offset` ((1,) int64 device tensor, its key already written); caches
+    (B, KVH, max_len, D). -> (B, KVH, G, D): softmax(q k^T / sqrt(D)) v over positions
+    [0, offset], as `decode_attention_ref`."""
+    B, KVH, G, D = q.shape
+    max_len = k_cache.shape[2]
+    assert decode_attention_supported(q, k_cache) and v_cache.dtype == q.dtype
+    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    q = q.contiguous()
+    nsplit = triton.cdiv(max_len, DECODE_SPLIT)
+    block_g = 16  # tl.dot's smallest M; rows past G are zeros
+    acc = torch.empty(B * KVH * nsplit * block_g * D, dtype=torch.float32, device=q.device)
+    ml = torch.empty(B * KVH * nsplit * 2 * block_g, dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q)
+    ieee = q.dtype == torch.float32  # fp32 models: no TF32 rounding in the products
+    _decode_attn_split_kernel[(B * KVH, nsplit)](
+        q, k_cache, v_cache, offset, acc, ml, D ** -0.5, *k_cache.stride()[:3], *v_cache.stride()[:3],
+        KVH=KVH, G=G, D=D, NSPLIT=nsplit, SPLIT=DECODE_SPLIT, BLOCK_G=block_g, BLOCK_N=64 if D <= 128 else 32,
+        IEEE=ieee, num_warps=4)
+    _decode_attn_combine_kernel[(B * KVH,)](acc, ml, out, offset, G=G, D=D, NSPLIT=nsplit, SPLIT=DECODE_SPLIT,
+                                            BLOCK_G=block_g, num_warps=4)
+    return out
+
+
+def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         offset: torch.Tensor) -> torch.Tensor:
+    """The same with SDPA over the whole cache and a mask of the filled positions (the CPU
+    path, and what the kernel is tested against)."""
+    valid = (torch.arange(k_cache.shape[2], device=q.device) <= offset)[None]  # (1, max_len)
+    return torch.nn.functional.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=valid)

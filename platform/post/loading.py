@@ -6,13 +6,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer
 
 from mamba_slm.model import HybridLM
 from mamba_slm.model.io import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load_pretrained
 from mamba_slm.platform.evaluate.checkpoint import find_eos
 
-from .quantize import is_quantized_dir, load_quantized
+from .quantize import Int4Linear, is_quantized_dir, load_quantized
 
 
 @dataclass
@@ -22,6 +23,11 @@ class LoadedModel:
     eos_id: int
     path: Path
     quantized: bool
+
+    @property
+    def cpu_only(self) -> bool:
+        """INT4 weights: their kernel (torch's int4pack for CPU) has no GPU counterpart here."""
+        return any(isinstance(m, Int4Linear) for m in self.model.modules())
 
 
 def check_model_dir(path: str | Path) -> Path:
@@ -54,3 +60,16 @@ def load_model_dir(path: str | Path, **config_overrides) -> LoadedModel:
                          f"{model.config.padded_vocab_size} embeddings")
     eos_id, _ = find_eos(tokenizer, metadata)  # config.json's eos_id, else the usual names
     return LoadedModel(model, tokenizer, eos_id, path, quantized)
+
+
+def place(loaded: LoadedModel, device: str) -> None:
+    """Move the model to `device` for inference: a GPU runs it in bf16 (an INT8 model's
+    codes stay int8; its scales and unquantized parts become bf16, and a batch-1 step runs
+    its INT8 GEMV); an INT4 model runs on a CPU only, so asking for a GPU is a ValueError."""
+    if torch.device(device).type == "cpu":
+        loaded.model.to(device)
+        return
+    if loaded.cpu_only:
+        raise ValueError(f"{loaded.path} is an INT4 model, which runs on a CPU only: serve it with "
+                         "--device cpu, or quantize with --bits 8 for a GPU")
+    loaded.model.to(device, torch.bfloat16)

@@ -105,7 +105,8 @@ class Int8Linear(nn.Module):
         return self.weight.float() * self.scale.float()[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE)
+        # contiguous: torch 2.11's CPU int8 kernel refuses a last dimension with a stride
+        x2 = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE).contiguous()
         if not x.is_cuda:
             y = torch._weight_int8pack_mm(x2, self.weight, self.scale)
         elif x2.shape[0] == 1 and not torch.is_grad_enabled():
@@ -192,7 +193,7 @@ class Int4Linear(nn.Module):
             raise RuntimeError("INT4 (torch._weight_int4pack_mm_for_cpu) runs on a CPU only; "
                                "quantize with bits=8 for a GPU, or move the model to the CPU")
         packed, scales_zeros = self._pack()
-        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(COMPUTE_DTYPE), packed,
+        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(COMPUTE_DTYPE).contiguous(), packed,
                                               self.group_size, scales_zeros)
         y = y[:, : self.out_features].reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
