@@ -356,6 +356,38 @@ def generate_breakdown(model, prompt: torch.Tensor, new: int, cache_lens: list[i
     torch.cuda.synchronize()
     rows.append(dict(what="token copy + graph.replay loop, wall clock",
                      ms_per_token=round((time.perf_counter() - t0) / (new - 1) * 1e3, 4)))
+
+    def wall(fn) -> float:  # ms per call of fn over new - 1 calls after the prompt
+        dec.prefill(prompt)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(new - 1):
+            fn()
+        torch.cuda.synchronize()
+        return round((time.perf_counter() - t0) / (new - 1) * 1e3, 4)
+
+    rows.append(dict(what="graph.replay loop alone, wall clock", ms_per_token=wall(dec.graph.replay)))
+    src = prompt[:, -1:].clone()
+    copy_graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(copy_graph):
+        dec._token.copy_(src)
+    rows.append(dict(what="token copy as its own graph + graph.replay, wall clock",
+                     ms_per_token=wall(lambda: (copy_graph.replay(), dec.graph.replay()))))
+    # greedy inside the step's graph: its argmax becomes the next step's input
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        dec._token.copy_(dec._forward(dec._token).argmax(-1, keepdim=True))
+    torch.cuda.current_stream().wait_stream(side)
+    greedy_graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(greedy_graph):
+        dec._token.copy_(dec._forward(dec._token).argmax(-1, keepdim=True))
+    dec.cache.reset()
+    rows.append(dict(what="step + argmax into its own input, one graph, replay loop, wall clock",
+                     ms_per_token=wall(greedy_graph.replay)))
+    rows.append(dict(what="the same + a host read of the token every 16 steps",
+                     ms_per_token=wall(lambda c=[0]: (greedy_graph.replay(), (c.__setitem__(0, c[0] + 1),
+                                                      c[0] % 16 == 0 and dec._token.item())))))
     tok = prompt[:, -1]
     out = torch.empty(1, T + new + 1, dtype=prompt.dtype, device="cuda")
     out[:, :T] = prompt
