@@ -327,7 +327,7 @@ def generate_breakdown(model, prompt: torch.Tensor, new: int, cache_lens: list[i
     rows, T = [], prompt.shape[1]
     kernel_supported = attention.decode_attention_supported
     for sdpa in (True, False):  # decode attention: SDPA over the masked cache, then the kernel
-        attention.decode_attention_supported = (lambda q, k: False) if sdpa else kernel_supported
+        attention.decode_attention_supported = (lambda head_dim, group: False) if sdpa else kernel_supported
         for max_len in cache_lens:
             generation._GRAPH_DECODERS.pop(model, None)  # recapture with this attention
             dec = generation.make_decoder(model, 1, max_len, True)

@@ -206,17 +206,28 @@ class Attention(nn.Module):
         qkv = self.qkv(x[:, 0])
         if qkv is None:
             qkv = torch.cat([self.q_proj(x[:, 0]), self.k_proj(x[:, 0]), self.v_proj(x[:, 0])], dim=-1)
-        update = rope_cache_update if self.use_kernel and triton is not None and x.is_cuda else rope_cache_update_ref
+        kernels = self.decode_kernels(x.device)
+        update = rope_cache_update if kernels else rope_cache_update_ref
         q = update(qkv, state.rope, state.offset, state.k, state.v, self.n_heads, self.head_dim)  # (B, H, D)
         # GQA without repeating keys: the n_heads / n_kv_heads query heads of a group
         # (consecutive heads, as `enable_gqa` groups them) become that many queries
         # against the group's one key/value head.
         q = q.reshape(b, self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim)
-        if update is rope_cache_update and decode_attention_supported(q, state.k):
-            out = decode_attention(q, state.k, state.v, state.offset)  # the filled positions only
+        if kernels and self.reads_filled_cache_only(x.device):
+            out = decode_attention(q, state.k, state.v, state.offset)
         else:
             out = decode_attention_ref(q, state.k, state.v, state.offset)
         return out.reshape(b, 1, self.n_heads * self.head_dim)
+
+    def decode_kernels(self, device: torch.device) -> bool:
+        """Whether a decode step runs this project's Triton kernels (a GPU with triton)."""
+        return self.use_kernel and triton is not None and device.type == "cuda"
+
+    def reads_filled_cache_only(self, device: torch.device) -> bool:
+        """Whether a decode step reads only the filled cache positions (the decode-attention
+        kernel), so that its cost does not grow with the cache's `max_len`."""
+        return self.decode_kernels(device) and decode_attention_supported(self.head_dim,
+                                                                          self.n_heads // self.n_kv_heads)
 
     def _sdpa(self, q, k, v, seq_idx, offset: int) -> torch.Tensor:
         T, S = q.shape[2], k.shape[2]

@@ -18,14 +18,21 @@ from __future__ import annotations
 import logging
 import math
 import weakref
+from collections import OrderedDict
 
 import torch
+
+from .attention import Attention
 
 log = logging.getLogger(__name__)
 
 # Graph decoders are kept per model and reused by later calls of the same shape (mamba_ssm
-# keeps its `_decoding_cache` likewise); weak keys, so they go when the model goes.
-_GRAPH_DECODERS: "weakref.WeakKeyDictionary[torch.nn.Module, Decoder]" = weakref.WeakKeyDictionary()
+# keeps its `_decoding_cache` likewise): the GRAPH_DECODERS_PER_MODEL used last, so that a
+# server alternating between a few request lengths does not capture a graph per request;
+# weak keys, so they go when the model goes.
+_GRAPH_DECODERS: "weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict[tuple, Decoder]]" = \
+    weakref.WeakKeyDictionary()
+GRAPH_DECODERS_PER_MODEL = 4
 MAX_LEN_BUCKET = 256  # generate() sizes caches up to a multiple of this
 
 
@@ -141,36 +148,54 @@ class Decoder:
 
 def graph_decoder(model, batch: int, max_len: int) -> Decoder:
     """The model's CUDA-graph decoder for this shape, captured on first use and reused
-    while the batch, cache length, autocast and the storage of parameters and buffers stay the same."""
+    while the batch, cache length, autocast and the storage of parameters and buffers stay
+    the same. The model keeps the GRAPH_DECODERS_PER_MODEL used last; those captured on
+    other weights (moved, reloaded) are freed at once."""
     model.pack_for_decoding()  # before the key: packing moves the weights once
-    key = (batch, max_len, torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
-           tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers())))  # INT8 weights are buffers
-    decoder = _GRAPH_DECODERS.get(model)
-    if decoder is None or decoder.key != key:
-        _GRAPH_DECODERS.pop(model, None)  # free the old graph and cache before making a new one
-        decoder = Decoder(model, batch, max_len, cuda_graphs=True)
-        decoder.key = key
-        _GRAPH_DECODERS[model] = decoder
-        log.info("decode: captured a CUDA graph for batch %d, max_len %d", batch, max_len)
+    weights = tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))  # INT8 weights are buffers
+    key = (batch, max_len, torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"), weights)
+    decoders = _GRAPH_DECODERS.setdefault(model, OrderedDict())
+    for stale in [k for k in decoders if k[-1] != weights]:
+        del decoders[stale]
+    if key in decoders:
+        decoders.move_to_end(key)
+        return decoders[key]
+    while len(decoders) >= GRAPH_DECODERS_PER_MODEL:
+        decoders.popitem(last=False)  # free the least recently used graph and cache first
+    decoder = Decoder(model, batch, max_len, cuda_graphs=True)
+    decoder.key = key
+    decoders[key] = decoder
+    log.info("decode: captured a CUDA graph for batch %d, max_len %d", batch, max_len)
     return decoder
+
+
+def cache_len(model, total_len: int, cuda_graphs: bool) -> int:
+    """The cache length a decoder for `total_len` tokens gets: a multiple of MAX_LEN_BUCKET,
+    so that nearby lengths share one captured graph (eager decoding uses the same size, so
+    that both run attention over the same cache shape). A graph decoder whose attention reads
+    only the filled positions (the GPU kernel; a step costs the same at 256 or 8,192) gets
+    the next power of two instead: a handful of graphs then serve every length."""
+    rounded = math.ceil(total_len / MAX_LEN_BUCKET) * MAX_LEN_BUCKET
+    device = model.lm_head.weight.device
+    if cuda_graphs and all(m.reads_filled_cache_only(device) for m in model.modules() if isinstance(m, Attention)):
+        return max(MAX_LEN_BUCKET, 1 << (total_len - 1).bit_length())
+    return rounded
 
 
 def make_decoder(model, batch: int, total_len: int, cuda_graphs: bool | None = None) -> Decoder:
     """A decoder for prompts plus new tokens of up to `total_len`: the model's reusable
     CUDA-graph decoder when `cuda_graphs` resolves on (auto: on a CUDA device; a failed
     capture then falls back to eager decoding with a warning), else an eager one."""
-    # Rounded up so that nearby lengths share one captured graph; eager decoding uses the
-    # same size, so that both run attention over the same (masked) cache shape.
-    max_len = math.ceil(total_len / MAX_LEN_BUCKET) * MAX_LEN_BUCKET
-    if resolve_cuda_graphs(cuda_graphs, model.lm_head.weight.device):
+    graphs = resolve_cuda_graphs(cuda_graphs, model.lm_head.weight.device)
+    if graphs:
         try:
-            return graph_decoder(model, batch, max_len)
+            return graph_decoder(model, batch, cache_len(model, total_len, True))
         except Exception as exc:  # noqa: BLE001 - auto mode keeps working on an odd setup
             if cuda_graphs:
                 raise
             log.warning("decode: CUDA graph capture failed (%r); decoding eagerly "
                         "(cuda_graphs=False skips the attempt, True makes it an error)", exc)
-    return Decoder(model, batch, max_len, cuda_graphs=False)
+    return Decoder(model, batch, cache_len(model, total_len, False), cuda_graphs=False)
 
 
 @torch.no_grad()

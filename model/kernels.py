@@ -114,7 +114,7 @@ if triton is not None:
             if start + n0 < n_valid:  # blocks holding filled positions only
                 n = start + n0 + tl.arange(0, BLOCK_N)
                 ok = n < n_valid
-                k = tl.load(k_base + n[:, None] * stride_kt + d[None, :], mask=ok[:, None], other=0.0)
+                k = tl.load(k_base + n[:, None] * stride_kt + d[None, :], mask=ok[:, None], other=0.0).to(q.dtype)
                 if IEEE:
                     s = tl.dot(q, tl.trans(k), input_precision="ieee")
                 else:
@@ -124,7 +124,7 @@ if triton is not None:
                 alpha = tl.exp(m - m_new)
                 p = tl.exp(s - m_new[:, None])
                 l = l * alpha + tl.sum(p, 1)
-                v = tl.load(v_base + n[:, None] * stride_vt + d[None, :], mask=ok[:, None], other=0.0)
+                v = tl.load(v_base + n[:, None] * stride_vt + d[None, :], mask=ok[:, None], other=0.0).to(q.dtype)
                 if IEEE:
                     acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
                 else:
@@ -163,11 +163,10 @@ if triton is not None:
                  mask=g[:, None] < G)
 
 
-def decode_attention_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+def decode_attention_supported(head_dim: int, group: int) -> bool:
     """Shapes the kernel takes: head_dim a power of two in [16, 256], at most 16 query
-    heads per kv head, and q, k, v in one dtype."""
-    d, g = q.shape[-1], q.shape[-2]
-    return d & (d - 1) == 0 and 16 <= d <= 256 and g <= 16 and q.dtype == k_cache.dtype
+    heads per kv head (every preset: 128 and 4-5)."""
+    return head_dim & (head_dim - 1) == 0 and 16 <= head_dim <= 256 and group <= 16
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -175,10 +174,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """q (B, KVH, G, D): the G query heads of each kv head, for one token per row at
     position `offset` ((1,) int64 device tensor, its key already written); caches
     (B, KVH, max_len, D). -> (B, KVH, G, D): softmax(q k^T / sqrt(D)) v over positions
-    [0, offset], as `decode_attention_ref`."""
+    [0, offset], as `decode_attention_ref`, in q's dtype (a cache of another dtype, e.g.
+    fp32 under bf16 autocast, is read and rounded to it)."""
     B, KVH, G, D = q.shape
     max_len = k_cache.shape[2]
-    assert decode_attention_supported(q, k_cache) and v_cache.dtype == q.dtype
+    assert decode_attention_supported(D, G) and k_cache.shape == v_cache.shape
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     q = q.contiguous()
     nsplit = triton.cdiv(max_len, DECODE_SPLIT)
@@ -201,4 +201,5 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     """The same with SDPA over the whole cache and a mask of the filled positions (the CPU
     path, and what the kernel is tested against)."""
     valid = (torch.arange(k_cache.shape[2], device=q.device) <= offset)[None]  # (1, max_len)
-    return torch.nn.functional.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=valid)
+    return torch.nn.functional.scaled_dot_product_attention(q, k_cache.to(q.dtype), v_cache.to(q.dtype),
+                                                            attn_mask=valid)

@@ -128,6 +128,41 @@ def test_cuda_graphs_need_cuda():
     assert generation.resolve_cuda_graphs(None, torch.device("cpu")) is False
 
 
+def test_graph_decoders_are_bucketed_and_kept_least_recently_used(monkeypatch):
+    """Cache lengths: multiples of 256, or powers of two for graph decoders whose attention
+    reads only the filled positions (the GPU kernel); the model keeps the
+    GRAPH_DECODERS_PER_MODEL graph decoders used last and drops those of other weights.
+    (The capture itself needs a GPU: a stand-in Decoder records what would be captured.)"""
+    from mamba_slm.model.attention import Attention
+
+    model = _model("AMAM")
+    assert [generation.cache_len(model, n, True) for n in (1, 256, 257, 700)] == [256, 256, 512, 768]
+    monkeypatch.setattr(Attention, "reads_filled_cache_only", lambda self, device: True)
+    assert [generation.cache_len(model, n, True) for n in (1, 256, 257, 700, 5000)] == [256, 256, 512, 1024, 8192]
+    assert generation.cache_len(model, 700, False) == 768  # eager decoding: the multiple of 256
+
+    captured = []
+
+    class StandIn:
+        def __init__(self, model, batch, max_len, cuda_graphs):
+            self.max_len, self.key = max_len, None
+            captured.append((batch, max_len))
+
+    monkeypatch.setattr(generation, "Decoder", StandIn)
+    monkeypatch.setattr(generation, "GRAPH_DECODERS_PER_MODEL", 2)
+    first = generation.graph_decoder(model, 1, 256)
+    assert generation.graph_decoder(model, 1, 256) is first  # reused, not recaptured
+    generation.graph_decoder(model, 1, 512)
+    generation.graph_decoder(model, 1, 256)  # used last: 512 is now the oldest
+    generation.graph_decoder(model, 2, 256)  # a third: 512 goes
+    assert captured == [(1, 256), (1, 512), (2, 256)]
+    assert generation.graph_decoder(model, 1, 256) is first
+    assert [k[:2] for k in generation._GRAPH_DECODERS[model]] == [(2, 256), (1, 256)]
+    model.embed_tokens.weight.data = model.embed_tokens.weight.data.clone()  # other weights
+    again = generation.graph_decoder(model, 1, 256)
+    assert again is not first and list(generation._GRAPH_DECODERS[model].values()) == [again]
+
+
 gpu = pytest.mark.skipif(not ssd.kernels_available(), reason="needs CUDA and mamba-ssm (GPU kernels)")
 
 

@@ -37,19 +37,22 @@ def test_rope_cache_update_matches_reference(dtype, cache_dtype, head_dim, rotar
     assert q.shape == (B, H, head_dim) and q.dtype == dtype
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
 @pytest.mark.parametrize("B,KVH,G,D,max_len", [(1, 4, 4, 128, 1024), (2, 2, 1, 64, 300), (1, 1, 8, 16, 64)])
-def test_decode_attention_matches_reference(dtype, B, KVH, G, D, max_len):
+def test_decode_attention_matches_reference(dtype, cache_dtype, B, KVH, G, D, max_len):
     """The flash-decoding kernel against SDPA over the masked cache, at offsets inside the
     first block, at split boundaries (SPLIT = 256) and at the last position; positions past
-    the offset hold garbage that must not leak in (SDPA masks it, the kernel never reads it)."""
+    the offset hold garbage that must not leak in (SDPA masks it, the kernel never reads it).
+    A cache in another dtype (fp32 under bf16 autocast) is read in the query's."""
     if DEVICE == "cpu" and dtype == torch.bfloat16:
         pytest.skip("Triton 3.6's interpreter computes bf16 tl.dot wrongly (~1e10 off on random 16x16)")
     torch.manual_seed(0)
     q = torch.randn(B, KVH, G, D, device=DEVICE).to(dtype)
-    k, v = (torch.randn(B, KVH, max_len, D, device=DEVICE).to(dtype) for _ in range(2))
+    k, v = (torch.randn(B, KVH, max_len, D, device=DEVICE).to(cache_dtype) for _ in range(2))
     split = kernels.DECODE_SPLIT
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    assert kernels.decode_attention(q, k, v, torch.tensor([0], device=DEVICE)).dtype == dtype
     for pos in sorted({0, 5, split - 1, split, split + 1, max_len // 2, max_len - 1} & set(range(max_len))):
         offset = torch.tensor([pos], device=DEVICE)
         want = kernels.decode_attention_ref(q, k, v, offset)
