@@ -186,8 +186,7 @@ def make_decoder(model, batch: int, total_len: int, cuda_graphs: bool | None = N
     """A decoder for prompts plus new tokens of up to `total_len`: the model's reusable
     CUDA-graph decoder when `cuda_graphs` resolves on (auto: on a CUDA device; a failed
     capture then falls back to eager decoding with a warning), else an eager one."""
-    graphs = resolve_cuda_graphs(cuda_graphs, model.lm_head.weight.device)
-    if graphs:
+    if resolve_cuda_graphs(cuda_graphs, model.lm_head.weight.device):
         try:
             return graph_decoder(model, batch, cache_len(model, total_len, True))
         except Exception as exc:  # noqa: BLE001 - auto mode keeps working on an odd setup
