@@ -20,11 +20,10 @@ from typing import Any
 
 import yaml
 
-from mamba_slm.cluster.spec import (GPU_NODE_TYPES, INSTANCE_TYPE_LABEL, RAY_VERSION,
+from mamba_slm.cluster.spec import (GPU_NODE_TYPES, INSTANCE_TYPE_LABEL, PROJECT_DIR, RAY_VERSION,
                                     SPOT_TARGETS, RunSpec, clouds_for)
 
 API_VERSION = "ray.io/v1"
-PROJECT_DIR = "/app"  # where cluster/Dockerfile puts the project in the image
 HEAD_CONTAINER, WORKER_CONTAINER, SUBMITTER_CONTAINER = "ray-head", "ray-worker", "submitter"
 # Runtime-env working_dir excludes: data and run outputs never ride along with the code.
 WORKING_DIR_EXCLUDES = [".git", ".venv", "data", "runs", "outputs", "wandb", "*.parquet",
@@ -34,14 +33,17 @@ WORKING_DIR_EXCLUDES = [".git", ".venv", "data", "runs", "outputs", "wandb", "*.
 def pretrain_entrypoint(spec: RunSpec) -> str:
     """The shell command the RayJob runs (the same one `ray job submit` takes)."""
     args = ["python", "jobs/pretrain.py",
+            "--name", spec.name,  # the run (its checkpoints) is this job's, not any run of the preset
             "--size", spec.size,
             "--training-config", spec.training_config,
             "--output-dir", spec.output_dir,
             "--data-path", spec.data_path,
             "--storage-path", spec.storage_path,
             "--zero-stage", str(spec.zero_stage),
+            "--use-gpu",
             "--num-workers", str(spec.gpus),
-            "--min-workers", str(spec.elastic_min_gpus)]
+            "--min-workers", str(spec.elastic_min_gpus),
+            "--max-failures", str(spec.max_failures)]
     if spec.max_steps is not None:
         args += ["--max-steps", str(spec.max_steps)]
     return shlex.join(args)
@@ -67,8 +69,9 @@ def render_rayjob(spec: RunSpec) -> dict[str, Any]:
         "spec": {
             "entrypoint": pretrain_entrypoint(spec),
             "runtimeEnvYAML": yaml.safe_dump(runtime_env(spec), sort_keys=False),
-            # Retries of the whole job on a fresh cluster; the trainer resumes from the
-            # latest checkpoint in storage_path, so a retry loses at most one interval.
+            # Retries of the whole job on a fresh cluster (a failed driver, or a run stopped
+            # by a preemption notice: jobs/pretrain.py exits 75 then); the trainer resumes
+            # from the latest checkpoint in storage_path, so a retry loses at most one interval.
             "backoffLimit": spec.backoff_limit,
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": spec.ttl_seconds_after_finished,
@@ -177,6 +180,11 @@ def _pod_template(spec: RunSpec, container_name: str, resources: dict[str, Any],
         "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}] + env,
         "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
     }
+    volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.shm_size}}]
+    if spec.volume_claim:  # curated data (and checkpoints, if storage_path is under it) for every pod
+        claim, mount = spec.volume_claim
+        container["volumeMounts"].append({"name": "shared", "mountPath": mount})
+        volumes.append({"name": "shared", "persistentVolumeClaim": {"claimName": claim}})
     if container_name == HEAD_CONTAINER:
         container["ports"] = [{"containerPort": 6379, "name": "gcs-server"},
                               {"containerPort": 8265, "name": "dashboard"},
@@ -191,7 +199,7 @@ def _pod_template(spec: RunSpec, container_name: str, resources: dict[str, Any],
         # Time between SIGTERM (spot reclaim notice, node drain) and SIGKILL: the window
         # in which the trainer writes its preemption checkpoint.
         "terminationGracePeriodSeconds": spec.termination_grace_s,
-        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.shm_size}}],
+        "volumes": volumes,
     }
     if affinity:
         pod["affinity"] = affinity

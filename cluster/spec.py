@@ -15,6 +15,7 @@ RAY_VERSION = "2.60.0"
 MODEL_SIZES = ("tiny", "1.3B", "2.7B", "6.7B", "13B")
 TRAINING_CONFIGS = ("quick_test", "small_scale", "medium_scale", "large_scale")
 CLOUDS = ("any", "aws", "gcp", "azure")
+PROJECT_DIR = "/app"  # where cluster/Dockerfile puts the project in the image
 
 # Well-known node label set by every cloud's node controller.
 INSTANCE_TYPE_LABEL = "node.kubernetes.io/instance-type"
@@ -29,6 +30,9 @@ GPU_NODE_TYPES: dict[str, dict[str, str]] = {
     "H200-141GB": {"aws": "p5e.48xlarge", "gcp": "a3-ultragpu-8g", "azure": "Standard_ND96isr_H200_v5"},
 }
 GPU_TYPES = tuple(GPU_NODE_TYPES)
+# Pod memory per GPU by default: 100Gi fits every 8-GPU type above (1.1+ TiB per node) except
+# GCP's a2-highgpu-8g (A100-40GB: 680 GiB per node, 85 per GPU), where 800Gi would never schedule.
+DEFAULT_MEMORY_PER_GPU = {"A100-40GB": "75Gi"}
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,7 @@ class RunSpec:
     name: str
     image: str
     storage_path: str
+    volume: str | None = None            # "CLAIM:/mount": a ReadWriteMany PVC in every pod
     size: str = "1.3B"
     training_config: str = "small_scale"
     max_steps: int | None = None
@@ -92,7 +97,7 @@ class RunSpec:
     cloud: str = "any"
     node_selector: dict[str, str] = field(default_factory=dict)
     cpus_per_gpu: int = 10               # pod CPU per GPU (8-GPU nodes have 96+ vCPUs)
-    memory_per_gpu: str = "100Gi"        # pod memory per GPU (8-GPU nodes have 1.1+ TiB)
+    memory_per_gpu: str = ""             # pod memory per GPU ("" = DEFAULT_MEMORY_PER_GPU, else 100Gi)
     shm_size: str = "64Gi"               # /dev/shm for NCCL and the Ray object store
     head_cpus: int = 8
     head_memory: str = "32Gi"
@@ -104,7 +109,8 @@ class RunSpec:
     redis_address: str | None = None     # GCS fault tolerance: external Redis host:port
     redis_password_secret: str | None = None  # "secret-name:key"
     backoff_limit: int = 3
-    ttl_seconds_after_finished: int = 3600
+    max_failures: int = 20               # worker-group restarts within one job (lost spot nodes)
+    ttl_seconds_after_finished: int = 300  # the finished cluster's lifetime (logs), GPU nodes included
     termination_grace_s: int = 120       # SIGTERM -> checkpoint window on preemption
 
     def __post_init__(self) -> None:
@@ -123,6 +129,26 @@ class RunSpec:
         if not _URI.match(self.storage_path):
             raise ValueError(f"storage_path={self.storage_path!r}: use a URI such as "
                              "s3://bucket/runs, gs://bucket/runs or an absolute path on shared storage")
+        if self.volume is not None:
+            claim, _, mount = self.volume.partition(":")
+            if not _DNS_LABEL.match(claim) or not mount.startswith("/") or mount == "/":
+                raise ValueError(f"volume={self.volume!r}: use CLAIM:/mount/path (a PersistentVolumeClaim "
+                                 "name and where the pods mount it)")
+        # The pods see a local path only in the image or on the shared volume: anything else
+        # is each pod's own disk (data missing at start, checkpoints lost on a retry).
+        if "://" in self.data_path:
+            raise ValueError(f"data_path={self.data_path!r}: pretraining reads curated shards from a "
+                             "directory; put them on a ReadWriteMany volume and pass volume=CLAIM:/mount "
+                             "(--volume) with a data_path under the mount")
+        if not self._shared(self.data_path, image_ok=True):
+            raise ValueError(f"data_path={self.data_path!r} is in no pod unless it is on a shared volume: "
+                             f"pass volume=CLAIM:{_parent(self.data_path)} (--volume; a ReadWriteMany "
+                             "PersistentVolumeClaim holding the curated shards), or bake the data into "
+                             f"the image under {PROJECT_DIR}")
+        if "://" not in self.storage_path and not self._shared(self.storage_path):
+            raise ValueError(f"storage_path={self.storage_path!r} would be each pod's own disk (checkpoints "
+                             "lost when a pod goes): use a bucket URI (s3://, gs://) or a path under "
+                             "the volume's mount (--volume CLAIM:/mount)")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps={self.max_steps} must be >= 1")
         if not 1 <= self.gpus_per_node <= 16:
@@ -133,6 +159,8 @@ class RunSpec:
         if not self.gpus_per_node <= self.elastic_min_gpus <= self.gpus:
             raise ValueError(f"min_gpus={self.min_gpus} must be between gpus_per_node="
                              f"{self.gpus_per_node} and gpus={self.gpus}")
+        if not self.memory_per_gpu:
+            object.__setattr__(self, "memory_per_gpu", DEFAULT_MEMORY_PER_GPU.get(self.gpu_type, "100Gi"))
         for name in ("memory_per_gpu", "shm_size", "head_memory", "cpu_worker_memory"):
             if not _QUANTITY.match(getattr(self, name)):
                 raise ValueError(f"{name}={getattr(self, name)!r} is not a Kubernetes quantity (e.g. 64Gi)")
@@ -140,8 +168,9 @@ class RunSpec:
                      "ttl_seconds_after_finished", "termination_grace_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.cpu_workers_max < 0:
-            raise ValueError(f"cpu_workers_max={self.cpu_workers_max} must be >= 0")
+        if self.cpu_workers_max < 0 or self.max_failures < 0:
+            raise ValueError(f"cpu_workers_max={self.cpu_workers_max} and max_failures={self.max_failures} "
+                             "must be >= 0")
         for secret in (self.wandb_secret, self.storage_secret):
             if secret is not None and not _DNS_LABEL.match(secret):
                 raise ValueError(f"secret name {secret!r} is not a valid Kubernetes name")
@@ -150,6 +179,19 @@ class RunSpec:
         if self.redis_password_secret is not None and self.redis_password_secret.count(":") != 1:
             raise ValueError(f"redis_password_secret={self.redis_password_secret!r}: "
                              "use SECRET_NAME:KEY")
+
+    @property
+    def volume_claim(self) -> tuple[str, str] | None:
+        """(PersistentVolumeClaim name, mount path) or None."""
+        if self.volume is None:
+            return None
+        claim, _, mount = self.volume.partition(":")
+        return claim, mount.rstrip("/")
+
+    def _shared(self, path: str, image_ok: bool = False) -> bool:
+        """Whether every pod sees `path`: under the volume's mount (or the image's project)."""
+        roots = ([self.volume_claim[1]] if self.volume_claim else []) + ([PROJECT_DIR] if image_ok else [])
+        return any(path == root or path.startswith(root + "/") for root in roots)
 
     @property
     def elastic_min_gpus(self) -> int:
@@ -164,6 +206,10 @@ class RunSpec:
     def ray_auth_secret(self) -> str:
         """Secret (key `auth_token`) that holds the Ray token; `launch.py` creates it."""
         return f"{self.name}-ray-auth"
+
+
+def _parent(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[0] or "/data"
 
 
 def _choice(name: str, value: object, allowed: tuple) -> None:

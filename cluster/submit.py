@@ -19,8 +19,12 @@ from typing import Any
 import yaml
 try:
     from kubernetes import client
+    from urllib3.exceptions import HTTPError
+
+    # What the API calls raise: an answer that is an error, or no answer (server unreachable).
+    API_ERRORS: tuple[type[Exception], ...] = (client.ApiException, HTTPError)
 except ImportError:  # the [cluster] extra: rendering and --dry-run do without it (jobs/launch.py)
-    client = None
+    client, API_ERRORS = None, ()
 
 from mamba_slm.cluster.security import security_violations
 

@@ -6,20 +6,28 @@ the Ray token Secret if missing, watches the job and prints the training log.
 
   python jobs/launch.py --name pretrain-6p7b --size 6.7B --training-config medium_scale \\
       --gpu A100-80GB --gpus 16 --min-gpus 8 --image REGISTRY/mamba-slm:TAG \\
-      --storage-path s3://BUCKET/runs --data-path /data/curated --dry-run --out-dir manifests/
+      --storage-path s3://BUCKET/runs --volume curated:/data --data-path /data/curated \\
+      --dry-run --out-dir manifests/
 
 Needs the KubeRay operator (v1.5.1+ for authOptions; manifests validated against v1.7.0).
 """
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
 from mamba_slm.cluster.manifests import render_raycluster, render_rayjob
 from mamba_slm.cluster.spec import CLOUDS, GPU_TYPES, MODEL_SIZES, TRAINING_CONFIGS, RunSpec
-from mamba_slm.cluster.submit import KubeRayClient, LaunchError, watch_job, write_manifests
+from mamba_slm.cluster.submit import API_ERRORS, KubeRayClient, LaunchError, watch_job, write_manifests
 from mamba_slm.platform.extras import missing_extra
+
+
+# Kubernetes label syntax (apimachinery validation.IsQualifiedName / IsValidLabelValue).
+_LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                        r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,10 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--training-config", default="small_scale", choices=TRAINING_CONFIGS)
     run.add_argument("--max-steps", type=int, help="stop after N steps (default: the config's)")
     run.add_argument("--zero-stage", type=int, default=3, choices=(2, 3))
-    run.add_argument("--data-path", default="/data/curated", help="curated shards, as seen from the pods")
+    run.add_argument("--data-path", default="/data/curated",
+                     help="curated shards, as seen from the pods: under --volume's mount (or baked into "
+                          "the image under /app)")
+    run.add_argument("--volume", metavar="CLAIM:/MOUNT",
+                     help="a ReadWriteMany PersistentVolumeClaim every pod mounts at MOUNT (the curated "
+                          "data; checkpoints too if --storage-path is under it), e.g. curated:/data")
     run.add_argument("--output-dir", default="/tmp/mamba-slm/output", help="local scratch in the pods")
     run.add_argument("--storage-path", required=True,
-                     help="checkpoints and results: s3://..., gs://..., or a path on shared storage")
+                     help="checkpoints and results: s3://..., gs://..., or a path under --volume's mount")
+    run.add_argument("--max-failures", type=int, default=20,
+                     help="worker-group restarts within the job (a lost spot node costs one; default 20)")
     where = p.add_argument_group("where to run it")
     where.add_argument("--image", required=True, help="container image built from cluster/Dockerfile")
     where.add_argument("--namespace", default="default")
@@ -65,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     act.add_argument("--context", help="kubeconfig context")
     act.add_argument("--no-watch", action="store_true", help="apply and return at once")
     act.add_argument("--poll-s", type=float, default=10.0, help="status poll interval")
+    act.add_argument("--ttl-after-finished-s", type=int, default=300,
+                     help="seconds the finished RayJob's cluster stays up (logs) before KubeRay deletes it")
     act.add_argument("--timeout-s", type=float, help="stop watching after this long (job keeps running)")
     return p
 
@@ -73,10 +90,15 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
     selector = {}
     for item in args.node_selector:
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--node-selector {item!r}: use KEY=VALUE")
+        if not sep or not _LABEL_KEY.match(key) or not _LABEL_VALUE.match(value):
+            raise ValueError(f"--node-selector {item!r}: use KEY=VALUE with a Kubernetes label key "
+                             "([prefix/]name of letters, digits, '-', '_', '.') and value")
         selector[key] = value
-    return RunSpec(name=args.name, image=args.image, storage_path=args.storage_path, size=args.size,
+    if args.poll_s <= 0:
+        raise ValueError(f"--poll-s {args.poll_s}: give a positive interval in seconds")
+    return RunSpec(name=args.name, image=args.image, storage_path=args.storage_path, volume=args.volume,
+                   max_failures=args.max_failures, ttl_seconds_after_finished=args.ttl_after_finished_s,
+                   size=args.size,
                    training_config=args.training_config, max_steps=args.max_steps,
                    data_path=args.data_path, output_dir=args.output_dir, zero_stage=args.zero_stage,
                    namespace=args.namespace, gpu_type=args.gpu, gpus=args.gpus,
@@ -135,6 +157,14 @@ def main(argv: list[str] | None = None) -> int:
         state = watch_job(kube, spec.namespace, spec.name, poll_s=args.poll_s, timeout_s=args.timeout_s)
     except LaunchError as exc:
         print(f"launch.py: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # --out-dir not writable
+        print(f"launch.py: error: {exc}", file=sys.stderr)
+        return 2
+    except API_ERRORS as exc:  # the API refused (e.g. no such --namespace) or did not answer
+        detail = f"{exc.status} {exc.reason}" if hasattr(exc, "status") else str(exc)
+        print(f"launch.py: error: Kubernetes API ({detail}); check --namespace, --context and "
+              "`kubectl auth can-i create rayjobs`", file=sys.stderr)
         return 2
     except TimeoutError as exc:
         print(f"launch.py: {exc}", file=sys.stderr)

@@ -10,6 +10,7 @@ table cluster/data/gpu_prices.json or your flags; spot assumptions from the flag
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -56,10 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--mfu {args.mfu} must be in (0, 1]")
     for flag in ("on_demand_price", "spot_price", "preemptions_per_node_hour", "checkpoint_write_s", "seq_len"):
         value = getattr(args, flag)
-        if value is not None and value <= 0:
-            parser.error(f"--{flag.replace('_', '-')} {value} must be > 0")
-    if args.restart_s < 0:
-        parser.error(f"--restart-s {args.restart_s} must be >= 0")
+        if value is not None and not (math.isfinite(value) and value > 0):  # nan compares False
+            parser.error(f"--{flag.replace('_', '-')} {value} must be a finite number > 0")
+    if not (math.isfinite(args.restart_s) and args.restart_s >= 0):
+        parser.error(f"--restart-s {args.restart_s} must be a finite number >= 0")
     spot = SpotAssumptions(preemptions_per_node_hour=args.preemptions_per_node_hour,
                            checkpoint_write_s=args.checkpoint_write_s, restart_s=args.restart_s)
     try:

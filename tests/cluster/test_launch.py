@@ -22,7 +22,7 @@ SUBMITTER_POD = f"{NAME}-x7k2p"
 LOG_LINES = ["step 1 loss 10.8", "step 2 loss 9.9", "checkpoint saved step 2"]
 FLAGS = ["--name", NAME, "--image", "registry.example/mamba-slm:0.1.0", "--storage-path",
          "s3://bucket/runs", "--size", "tiny", "--training-config", "quick_test", "--gpus", "2",
-         "--gpus-per-node", "1", "--min-gpus", "1", "--max-steps", "2"]
+         "--gpus-per-node", "1", "--min-gpus", "1", "--max-steps", "2", "--volume", "curated:/data"]
 
 
 class Emulator:
@@ -148,3 +148,22 @@ def test_dry_run_writes_valid_manifests_and_bad_args_exit_2(tmp_path, repo_root,
                           "--dry-run", "--out-dir", str(tmp_path)], cwd=repo_root, capture_output=True, text=True)
     assert bad.returncode == 2 and "gpus=3 must be a positive multiple of gpus_per_node=2" in bad.stderr
     assert "Traceback" not in bad.stderr
+    for extra, needle in ((["--poll-s", "-1"], "--poll-s -1.0: give a positive interval"),
+                          (["--node-selector", "bad key=x"], "Kubernetes label key"),
+                          (["--out-dir", "/proc/nope"], "launch.py: error:"),
+                          (["--volume", ""], "CLAIM:/mount")):
+        bad = subprocess.run([sys.executable, "jobs/launch.py", *FLAGS, "--dry-run", "--out-dir", str(tmp_path),
+                              *extra], cwd=repo_root, capture_output=True, text=True)
+        assert bad.returncode == 2 and needle in bad.stderr and "Traceback" not in bad.stderr, (extra, bad.stderr)
+
+
+def test_unreachable_api_server_exits_2_without_a_traceback(tmp_path, repo_root):
+    kubeconfig = tmp_path / "config"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "dead",
+        "clusters": [{"name": "dead", "cluster": {"server": "http://127.0.0.1:9"}}],
+        "contexts": [{"name": "dead", "context": {"cluster": "dead", "user": "u"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}]}))
+    done = subprocess.run([sys.executable, "jobs/launch.py", *FLAGS, "--kubeconfig", str(kubeconfig)],
+                          cwd=repo_root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Kubernetes API" in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import re
 import shlex
 
 import pytest
@@ -13,8 +14,8 @@ from mamba_slm.cluster.security import pod_templates, security_violations
 from mamba_slm.cluster.spec import RunSpec
 
 BASE = dict(name="pretrain-6p7b", image="registry.example/mamba-slm:0.1.0",
-            storage_path="s3://bucket/runs", size="6.7B", training_config="medium_scale",
-            gpus=16, gpus_per_node=8, min_gpus=8)
+            storage_path="s3://bucket/runs", volume="curated:/data", size="6.7B",
+            training_config="medium_scale", gpus=16, gpus_per_node=8, min_gpus=8)
 VARIANTS = {
     "spot-any": {},
     "spot-aws-wandb-storage": dict(cloud="aws", wandb_secret="wandb", storage_secret="s3-creds"),
@@ -97,13 +98,20 @@ def test_rayjob_runs_pretrain_with_elastic_range_and_job_lifecycle():
     job = _manifest("spot-any", "RayJob")["spec"]
     argv = shlex.split(job["entrypoint"])
     assert argv[:2] == ["python", "jobs/pretrain.py"]
+    # this job's own run (not any run of the preset), on the GPUs, surviving lost spot nodes
+    assert "--use-gpu" in argv
+    argv.remove("--use-gpu")
     flags = dict(zip(argv[2::2], argv[3::2]))
-    assert flags == {"--size": "6.7B", "--training-config": "medium_scale",
+    assert flags == {"--name": "pretrain-6p7b", "--size": "6.7B", "--training-config": "medium_scale",
                      "--output-dir": "/tmp/mamba-slm/output", "--data-path": "/data/curated",
                      "--storage-path": "s3://bucket/runs", "--zero-stage": "3",
-                     "--num-workers": "16", "--min-workers": "8"}
+                     "--num-workers": "16", "--min-workers": "8", "--max-failures": "20"}
     assert job["backoffLimit"] > 0 and job["shutdownAfterJobFinishes"] is True
-    assert job["ttlSecondsAfterFinished"] > 0
+    assert 0 < job["ttlSecondsAfterFinished"] <= 300  # a finished cluster's GPU nodes do not idle an hour
+    for group in [job["rayClusterSpec"]["headGroupSpec"], *job["rayClusterSpec"]["workerGroupSpecs"]]:
+        pod = group["template"]["spec"]  # every pod sees the curated data on the shared claim
+        assert {"name": "shared", "persistentVolumeClaim": {"claimName": "curated"}} in pod["volumes"]
+        assert {"name": "shared", "mountPath": "/data"} in pod["containers"][0]["volumeMounts"]
     env = yaml.safe_load(job["runtimeEnvYAML"])
     assert env["working_dir"] == "/app" and "data" in env["excludes"]
     gpu = job["rayClusterSpec"]["workerGroupSpecs"][1]
@@ -111,6 +119,10 @@ def test_rayjob_runs_pretrain_with_elastic_range_and_job_lifecycle():
     limits = gpu["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert limits["nvidia.com/gpu"] == "8" and limits["memory"] == "800Gi"
     assert "--max-steps" in pretrain_entrypoint(RunSpec(**{**BASE, "max_steps": 5}))
+    # GCP's 8 x A100-40GB node (a2-highgpu-8g) has 680 GiB: the pod must ask for less
+    a100 = render_rayjob(RunSpec(**{**BASE, "gpu_type": "A100-40GB", "cloud": "gcp"}))
+    gpu_pod = a100["spec"]["rayClusterSpec"]["workerGroupSpecs"][1]["template"]["spec"]
+    assert gpu_pod["containers"][0]["resources"]["requests"]["memory"] == "600Gi"
 
 
 def test_head_on_demand_without_gpu_cpu_group_autoscales_from_zero():
@@ -175,7 +187,14 @@ def test_secrets_are_referenced_and_gcs_fault_tolerance_uses_a_secret():
     (dict(min_gpus=4), "min_gpus"), (dict(storage_path="bucket"), "storage_path"),
     (dict(gpu_type="V100"), "gpu_type"), (dict(redis_password_secret="x:y"), "redis_address"),
     (dict(zero_stage=1), "zero_stage"), (dict(memory_per_gpu="lots"), "memory_per_gpu"),
+    # data and checkpoints must be where every pod sees them
+    (dict(volume=None), "data_path='/data/curated' is in no pod unless it is on a shared volume"),
+    (dict(data_path="s3://bucket/curated"), "reads curated shards from a directory"),
+    (dict(storage_path="/ckpt"), "each pod's own disk"), (dict(volume="curated"), "CLAIM:/mount"),
 ])
 def test_bad_run_spec_names_the_field(change, field):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=re.escape(field)):
         RunSpec(**{**BASE, **change})
+    # a path under the claim's mount, or data baked into the image, are seen by every pod
+    RunSpec(**{**BASE, "storage_path": "/data/runs"})
+    RunSpec(**{**BASE, "volume": None, "data_path": "/app/data/curated"})

@@ -72,7 +72,9 @@ def test_every_table_entry_says_where_it_comes_from():
     (["--tokens", "lots"], "--tokens 'lots'"),
     (["--gpus", "12"], "--gpus 12 must be a positive multiple of --gpus-per-node 8"),
     (["--mfu", "1.5"], "--mfu 1.5 must be in (0, 1]"),
-    (["--spot-price", "-1"], "--spot-price -1.0 must be > 0"),
+    (["--spot-price", "-1"], "--spot-price -1.0 must be a finite number > 0"),
+    (["--spot-price", "nan"], "--spot-price nan must be a finite number > 0"),  # printed $nan before
+    (["--restart-s", "inf"], "--restart-s inf must be a finite number >= 0"),
     (["--gpu", "V100"], "invalid choice: 'V100'"),
 ])
 def test_bad_arguments_exit_2_with_a_clear_message(flags, message, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,3 +138,24 @@ def test_job_spec_round_trips_through_a_dict():
     again = JobSpec.from_dict(job.to_dict())
     assert again.to_dict() == job.to_dict() and again.model.padded_vocab_size == 320
     assert torch.tensor(0).item() == 0
+
+
+def test_job_exit_code_says_whether_to_run_it_again(synthetic_data, tmp_path, monkeypatch, capsys):
+    """0 finished, 1 stopped for a reason, 75 stopped by a preemption notice before the last
+    step (a KubeRay RayJob retries only a failed driver: 0 there would end the run early)."""
+    import importlib.util
+
+    from mamba_slm.platform.train import launcher
+
+    spec = importlib.util.spec_from_file_location("pretrain_job", Path(__file__).parents[3] / "jobs" / "pretrain.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    argv = ["--size", "tiny", "--max-steps", "8", "--data-path", str(synthetic_data), "--output-dir",
+            str(tmp_path), "--no-wandb"]
+    for last, code in (({"step": 8, "preempted": ""}, 0), ({"step": 3, "preempted": "SIGTERM"}, 75),
+                       ({"step": 8, "preempted": "SIGTERM"}, 0), ({"step": 3, "preempted": "", "stop_reason": "nan"}, 1)):
+        result = launcher.TrainResult(str(tmp_path), str(tmp_path), None, [], last, last.get("stop_reason", ""))
+        monkeypatch.setattr(launcher, "run_pretraining", lambda job, result=result: result)
+        assert job.main(argv) == code, last
+        if code == 75:
+            assert "preempted (SIGTERM) at step 3 of 8" in capsys.readouterr().err
