@@ -88,24 +88,33 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         plan = build_plan(args)
+    except KeyError as exc:  # a plan file without a required field
+        return fail(f"the plan lacks the field {exc}; write one with --write-plan to see the format")
     except (ValueError, TypeError) as exc:
         return fail(f"{exc}\n  see: python jobs/curate.py --help")
     if args.print_plan or args.write_plan:
         if args.write_plan:
-            args.write_plan.write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+            try:
+                args.write_plan.write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+            except OSError as exc:
+                return fail(f"--write-plan: {exc}")
             print(f"wrote {args.write_plan}")
         if args.print_plan:
             print(format_plan(plan))
         return 0
     if args.output is None:
         return fail("--output DIR is required to run a plan (or use --print-plan)")
+    if args.output.exists() and not args.output.is_dir():
+        return fail(f"--output {args.output} is a file; give a directory")
     try:
         for spec in plan.sources:  # fail fast, before starting Ray
             if spec.format != "hf":
                 discover_files(spec)
         run_curation(plan, args.output, keep_work=args.keep_work)
-    except (MissingInputError, ValueError) as exc:  # missing input, unusable tokenizer
+    except (MissingInputError, ValueError) as exc:  # missing input, unusable tokenizer, nothing left
         return fail(str(exc))
+    except (NotADirectoryError, FileExistsError, PermissionError) as exc:  # --output is a file, read-only
+        return fail(f"--output {args.output}: {exc}")
     print(f"done: {args.output}/manifest.json")
     return 0
 

@@ -31,10 +31,11 @@ def content_hash(text: str) -> int:
 
 def _stable_word_hashes(words: list[str]) -> np.ndarray:
     """Process-independent 61-bit hashes (Python's hash() is salted per process)."""
-    uniq, inverse = np.unique(np.asarray(words, dtype=str), return_inverse=True)
+    index: dict[str, int] = {}  # not a fixed-width numpy string array: see quality._word_id_array
+    inverse = np.fromiter((index.setdefault(w, len(index)) for w in words), dtype=np.int64, count=len(words))
     table = np.fromiter(
         (int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little") & ((1 << 61) - 1)
-         for w in uniq.tolist()), dtype=np.uint64, count=len(uniq))
+         for w in index), dtype=np.uint64, count=len(index))
     return table[inverse]
 
 

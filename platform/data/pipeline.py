@@ -28,6 +28,7 @@ from mamba_slm.platform.data.tokenizer import eos_id, load_tokenizer, train_bpe
 
 FORMAT = "mamba-slm-packed-v1"
 OUTPUT_ENTRIES = ("_work", "train", "val", "manifest.json", "report.json", "tokenizer.json")
+STAGING = "_staging"  # <output>/_staging: the build in progress
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
@@ -147,19 +148,24 @@ def run_curation(plan: CurationPlan, output: str | Path, log=print, keep_work: b
     ``sources.MissingInputError`` before any work if a source matches nothing."""
     import ray.data as rd
 
-    output = Path(output).resolve()
+    final = Path(output).resolve()
+    # Built in a staging folder and moved into place at the end: a run that fails (a bad
+    # tokenizer, nothing left after filtering, a crash) leaves the previous dataset as it was.
+    output = final / STAGING
     t0 = time.perf_counter()
     chunks = plan_chunks(plan)
+    if plan.tokenizer.kind == "pretrained":  # before any work: a wrong path or name fails now
+        eos_id(load_tokenizer(plan.tokenizer), plan.tokenizer)
     ensure_ray()
     ctx = rd.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # our own per-chunk progress instead
-    for entry in OUTPUT_ENTRIES:  # a fresh build: stale shards must not survive
-        target = output / entry
-        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    shutil.rmtree(output, ignore_errors=True)  # a failed run's staging
     for stage in ("clean", "keys", "sample", "tokens"):
         (output / "_work" / stage).mkdir(parents=True)
+    for split in ("train", "val"):
+        (output / split).mkdir()
     names = [s.name for s in plan.sources]
     timings = {}
 
@@ -169,7 +175,7 @@ def run_curation(plan: CurationPlan, output: str | Path, log=print, keep_work: b
         timings[stage] = round(time.perf_counter() - start, 2)
         return value
 
-    log(f"curating plan {plan.name!r}: {len(plan.sources)} sources, {len(chunks)} chunks -> {output}")
+    log(f"curating plan {plan.name!r}: {len(plan.sources)} sources, {len(chunks)} chunks -> {final}")
     sample_rate = plan.tokenizer.sample_chars / max(1, sum(c["bytes"] for c in chunks))
     cleaned = timed("clean", _map_chunks, "clean", _clean, chunks, log, plan=plan.to_dict(), output=str(output),
                     n_buckets=len(chunks), sample_rate=sample_rate)
@@ -192,13 +198,29 @@ def run_curation(plan: CurationPlan, output: str | Path, log=print, keep_work: b
     elapsed = time.perf_counter() - t0
     report = build_report(plan, cleaned, removal, removed_source_names(removal, names), tokenized,
                           available, ratios, packed, splits, timings, elapsed)
+    (output / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if splits["train"]["rows"] == 0:
+        dropped = Counter()
+        for d in report["documents"].values():
+            dropped.update(d["dropped"])
+        kept = sum(d["out"] for d in report["documents"].values())
+        raise ValueError(
+            f"no training rows: {kept} documents kept, dropped {dict(dropped.most_common(4))}; nothing "
+            f"fills one {plan.seq_len}-token row (JSON input must be JSON Lines, one object per line). "
+            f"The report is in {output / 'report.json'}; {final} is unchanged")
     manifest = {
         "format": FORMAT, "seq_len": plan.seq_len, "vocab_size": tok.get_vocab_size(), "eos_id": eos,
         "tokenizer": "tokenizer.json", "splits": splits, "plan": plan.to_dict(),
         "documents": report["documents"], "tokens_per_source": report["tokens_per_source"],
     }
-    (output / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (output / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")  # last: marks completion
+    for entry in OUTPUT_ENTRIES:  # the new build replaces the old one (stale shards must not survive)
+        target = final / entry
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    for entry in OUTPUT_ENTRIES:
+        if (output / entry).exists():
+            os.replace(output / entry, final / entry)
+    (final / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")  # last: marks completion
+    shutil.rmtree(output)
     log(format_report(report))
     return manifest
 

@@ -50,6 +50,9 @@ class SourceSpec:
             raise ValueError(f"SourceSpec.paths of source {self.name!r} is empty")
         if not self.weight > 0:
             raise ValueError(f"SourceSpec.weight of {self.name!r} must be > 0, got {self.weight}")
+        if self.max_files is not None and self.max_files < 1:
+            raise ValueError(f"SourceSpec.max_files of {self.name!r} must be >= 1 (or None: every file), "
+                             f"got {self.max_files}")
         if self.quality not in QUALITY_PROFILES:
             raise ValueError(f"SourceSpec.quality must be one of {sorted(QUALITY_PROFILES)}, got {self.quality!r}")
 

@@ -174,7 +174,7 @@ def _read_jsonl_file(path: str, s_idx: int, f_idx: int, text_field: str) -> Iter
                 record -= 1
                 continue
             try:
-                obj = json.loads(line.decode("utf-8"))
+                obj = json.loads(line.decode("utf-8-sig"))  # -sig: a byte-order mark opening the file
             except UnicodeDecodeError:
                 yield Doc(doc_id, s_idx, None, "invalid_utf8", len(line))
                 continue
@@ -185,7 +185,17 @@ def _read_jsonl_file(path: str, s_idx: int, f_idx: int, text_field: str) -> Iter
             if text is None:
                 yield Doc(doc_id, s_idx, None, "missing_text", len(line))
             else:
-                yield Doc(doc_id, s_idx, text, raw_bytes=len(line))
+                yield Doc(doc_id, s_idx, _without_surrogates(text), raw_bytes=len(line))
+
+
+def _without_surrogates(text: str) -> str:
+    """JSON may escape a lone UTF-16 surrogate ("\\ud83d": half an emoji, cut by a scraper);
+    json.loads keeps it, and it cannot be encoded (hashing, tokenizing): it becomes '?'."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def _read_parquet_file(path: str, s_idx: int, f_idx: int, text_field: str) -> Iterator[Doc]:

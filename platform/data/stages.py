@@ -117,6 +117,9 @@ def tokenize_chunk(spec: dict, output: Path, removed: np.ndarray, names: list[st
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(output / "tokenizer.json"))
+    # "<|endoftext|>" written in a document is text, not the end of it: only pack_chunk's
+    # EOS (one per document) may end one.
+    tok.encode_special_tokens = True
     src_file = pq.ParquetFile(work_file(output, "clean", spec["chunk"]))
     path = work_file(output, "tokens", spec["chunk"])
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -35,13 +35,16 @@ def write_corpus(root: Path) -> CurationPlan:
     web = root / "web"
     web.mkdir(parents=True)
     docs = [prose(i) for i in range(40)]
+    docs[3] += " \ud83d"  # a lone surrogate (half an emoji, as JSON escapes it): read as '?'
+    words = docs[4].split()
+    docs[4] = " ".join(words[:20] + ["<|endoftext|>"] + words[20:])  # text, not an end of document
     near = docs[1].split()
     near[10] = "lantern" if near[10] != "lantern" else "orchard"
     lines = [json.dumps({"text": d}) for d in docs]
     lines += [json.dumps({"text": docs[0]}),                  # exact duplicate
               json.dumps({"text": " ".join(near)}),           # near duplicate
               '{"text": "broken json', json.dumps({"title": "no text"}), json.dumps({"text": "  \n "})]
-    (web / "part-0.jsonl").write_text("\n".join(lines[:25]) + "\n")
+    (web / "part-0.jsonl").write_text("\ufeff" + "\n".join(lines[:25]) + "\n")  # a byte-order mark opens it
     (web / "part-1.jsonl").write_bytes(("\n".join(lines[25:]) + "\n").encode() + b'{"text": "\xff"}\n')
     notes = root / "notes"
     notes.mkdir()
@@ -110,6 +113,15 @@ def test_crafted_corpus_cli_twice_same_shards(ray_cluster, tmp_path):
         assert t["target"] == 15_000 and abs(t["selected"] - 15_000) < 0.2 * 15_000, (name, t)
     report = json.loads((outs[0] / "report.json").read_text())
     assert report["throughput"]["tokenize_tokens_per_s"] > 0 and set(report["stage_seconds"]) >= {"clean", "dedup"}
+    # A rerun that ends with nothing to train on fails (exit 2) and leaves the dataset there.
+    short = tmp_path / "short"
+    short.mkdir()
+    (short / "a.jsonl").write_text("".join(json.dumps({"text": "too short"}) + "\n" for _ in range(5)))
+    before = {p.name: p.read_bytes() for p in outs[0].glob("*.json")}
+    res = run_cli("--input", str(short / "*.jsonl"), "--output", str(outs[0]))
+    assert res.returncode == 2 and "no training rows" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert {p.name: p.read_bytes() for p in outs[0].glob("*.json")} == before
+    check_contract(outs[0])
 
 
 def test_cli_errors_exit_2(tmp_path):
@@ -119,6 +131,14 @@ def test_cli_errors_exit_2(tmp_path):
     assert res.returncode == 2 and "unknown plan" in res.stderr
     res = run_cli("--plan", "demo")
     assert res.returncode == 2 and "--output" in res.stderr
+    (tmp_path / "plan.json").write_text(json.dumps({"name": "p"}))
+    (tmp_path / "file").write_text("")
+    for args, needle in ((["--plan", str(tmp_path / "plan.json"), "--output", str(tmp_path / "o")], "lacks the field"),
+                         (["--max-files-per-source", "-1", "--output", str(tmp_path / "o")], "max_files"),
+                         (["--write-plan", str(tmp_path / "no" / "p.json")], "--write-plan"),
+                         (["--output", str(tmp_path / "file")], "is a file")):
+        res = run_cli(*args)
+        assert res.returncode == 2 and needle in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)
 
 
 def test_print_production_plan():

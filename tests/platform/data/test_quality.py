@@ -75,3 +75,22 @@ def test_invalid_thresholds_are_rejected():
         QualityThresholds(min_chars=-1)
     with pytest.raises(ValueError, match="max_top_ngram_chars"):
         QualityThresholds(max_top_ngram_chars=(0.1,))
+
+
+def test_one_very_long_token_costs_no_memory_blowup():
+    """A page with one 20,000-character blob (base64, minified JS) among 3,000 words: the
+    word statistics and MinHash keys used a fixed-width numpy string array (words x the
+    longest word x 4 bytes: 240 MB here, 22 GB for a 60k blob in 33k words)."""
+    import tracemalloc
+
+    from mamba_slm.platform.data import dedup, quality
+
+    words = [f"w{i % 500}" for i in range(3000)] + ["x" * 20_000]
+    tracemalloc.start()
+    ids = quality._word_id_array(words)
+    hashes = dedup._stable_word_hashes(words)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 20e6, f"peak {peak / 1e6:.0f} MB"
+    assert ids[0] == ids[500] and ids[0] != ids[1] and ids[-1] == 500  # first-appearance ids
+    assert hashes[0] == hashes[500] and len(set(hashes.tolist())) == 501
