@@ -104,6 +104,9 @@ def main(argv=None) -> int:
         return 0
     if args.output is None:
         return fail("--output DIR is required to run a plan (or use --print-plan)")
+    if "://" in str(args.output) or str(args.output).startswith(("s3:", "gs:")):  # Path folds "s3://" to "s3:/"
+        return fail(f"--output {args.output}: give a directory (on a filesystem every node mounts, under "
+                    "ray job submit); pretraining reads the shards from a directory too")
     if args.output.exists() and not args.output.is_dir():
         return fail(f"--output {args.output} is a file; give a directory")
     try:

@@ -136,7 +136,8 @@ def test_cli_errors_exit_2(tmp_path):
     for args, needle in ((["--plan", str(tmp_path / "plan.json"), "--output", str(tmp_path / "o")], "lacks the field"),
                          (["--max-files-per-source", "-1", "--output", str(tmp_path / "o")], "max_files"),
                          (["--write-plan", str(tmp_path / "no" / "p.json")], "--write-plan"),
-                         (["--output", str(tmp_path / "file")], "is a file")):
+                         (["--output", str(tmp_path / "file")], "is a file"),
+                         (["--output", "s3://bucket/curated"], "give a directory")):
         res = run_cli(*args)
         assert res.returncode == 2 and needle in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)
 
