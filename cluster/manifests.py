@@ -44,6 +44,12 @@ def pretrain_entrypoint(spec: RunSpec) -> str:
             "--num-workers", str(spec.gpus),
             "--min-workers", str(spec.elastic_min_gpus),
             "--max-failures", str(spec.max_failures)]
+    if spec.spot:
+        # The clouds' metadata notices (AWS two minutes ahead, GCP ~30 s) reach the trainer
+        # whether or not the pod's SIGTERM reaches the Ray worker processes (it goes to the
+        # container's first process); on another cloud those polls just find nothing.
+        clouds = [c for c in clouds_for(spec.cloud) if c in ("aws", "gcp")]
+        args += ["--preemption-notices", ",".join(["sigterm", *clouds])]
     if spec.max_steps is not None:
         args += ["--max-steps", str(spec.max_steps)]
     return shlex.join(args)

@@ -105,7 +105,10 @@ def test_rayjob_runs_pretrain_with_elastic_range_and_job_lifecycle():
     assert flags == {"--name": "pretrain-6p7b", "--size": "6.7B", "--training-config": "medium_scale",
                      "--output-dir": "/tmp/mamba-slm/output", "--data-path": "/data/curated",
                      "--storage-path": "s3://bucket/runs", "--zero-stage": "3",
-                     "--num-workers": "16", "--min-workers": "8", "--max-failures": "20"}
+                     "--num-workers": "16", "--min-workers": "8", "--max-failures": "20",
+                     "--preemption-notices": "sigterm,aws,gcp"}  # spot on any cloud: its metadata notice too
+    on_demand = shlex.split(pretrain_entrypoint(RunSpec(**{**BASE, "spot": False, "cloud": "azure"})))
+    assert "--preemption-notices" not in on_demand
     assert job["backoffLimit"] > 0 and job["shutdownAfterJobFinishes"] is True
     assert 0 < job["ttlSecondsAfterFinished"] <= 300  # a finished cluster's GPU nodes do not idle an hour
     for group in [job["rayClusterSpec"]["headGroupSpec"], *job["rayClusterSpec"]["workerGroupSpecs"]]:
