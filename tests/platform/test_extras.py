@@ -18,7 +18,8 @@ CASES = [
     ("export_onnx.py", ["--checkpoint", "{tmp}", "--output", "{tmp}/m.onnx"], "onnxruntime", "post"),
     ("serve.py", ["--checkpoint", "{tmp}"], "uvicorn", "post"),
     ("finetune.py", ["--checkpoint", "{tmp}", "--data", "{tmp}/chat.jsonl", "--output", "{tmp}/out"], "peft", "post"),
-    ("launch.py", ["--name", "x", "--image", "img:1", "--storage-path", "s3://b/runs"], "kubernetes", "cluster"),
+    ("launch.py", ["--name", "x", "--image", "img:1", "--storage-path", "s3://b/runs", "--volume", "d:/data"],
+     "kubernetes", "cluster"),
     ("tune_sweep.py", ["--searcher", "optuna", "--output-dir", "{tmp}/sweep", "--data-path", "{data}",
                        "--gpus-per-trial", "0"], "optuna", "tune"),
 ]
@@ -74,6 +75,7 @@ def test_job_without_its_extra_exits_2_with_the_install_command(repo_root, tmp_p
 
 def test_launch_dry_run_needs_no_kubernetes(repo_root, tmp_path):
     proc = run_without(repo_root, "launch.py", ["--name", "x", "--image", "img:1", "--storage-path", "s3://b/runs",
+                                                "--volume", "d:/data",
                                                 "--dry-run", "--out-dir", str(tmp_path)], "kubernetes")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert list(tmp_path.glob("*.yaml")), proc.stdout
