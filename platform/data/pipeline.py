@@ -109,12 +109,24 @@ def _clean(spec, plan, output, n_buckets, sample_rate):
     return stages.clean_chunk(spec, CurationPlan.from_dict(plan), Path(output), n_buckets, sample_rate)
 
 
-def _tokenize(spec, output, removed_path, names):
-    return stages.tokenize_chunk(spec, Path(output), np.load(removed_path), names)
+def _tokenize(spec, output, removed_path, names, plan):
+    return stages.tokenize_chunk(spec, Path(output), np.load(removed_path), names, CurationPlan.from_dict(plan))
 
 
-def _pack(spec, plan, output, ratios, eos):
-    return stages.pack_chunk(spec, CurationPlan.from_dict(plan), Path(output), ratios, eos)
+def _pack(spec, plan, output, ratios, eos, val_threshold):
+    return stages.pack_chunk(spec, CurationPlan.from_dict(plan), Path(output), ratios, eos, val_threshold)
+
+
+def val_threshold(plan: CurationPlan, tokenized: list[dict]) -> float:
+    """Documents whose `stages.val_hash` is below this go to val: `val_fraction` of them, or,
+    in a corpus so small that none falls below it, the one lowest document (a val split of
+    one document rather than none). Decided over the whole corpus, not per chunk, so that
+    how the files fall into chunks never moves a document between the splits."""
+    if plan.val_fraction == 0:
+        return 0.0
+    if sum(r["val_docs"] for r in tokenized):
+        return plan.val_fraction
+    return float(np.nextafter(min(r["min_u"] for r in tokenized), 1.0))
 
 
 def mix_ratios(plan: CurationPlan, available: dict[str, int]) -> list[float]:
@@ -185,13 +197,13 @@ def run_curation(plan: CurationPlan, output: str | Path, log=print, keep_work: b
     tok = timed("tokenizer", build_tokenizer, plan, output, removal["doc_id"], log)
     eos = eos_id(tok, plan.tokenizer)
     tokenized = timed("tokenize", _map_chunks, "tokenize", _tokenize, chunks, log, output=str(output),
-                      removed_path=str(removed_path), names=names)
+                      removed_path=str(removed_path), names=names, plan=plan.to_dict())
     available = Counter()
     for r in tokenized:
         available.update({k: v + r["docs"][k] for k, v in r["tokens"].items()})  # + one EOS per doc
     ratios = mix_ratios(plan, available)
     packed = timed("pack", _map_chunks, "pack", _pack, chunks, log, plan=plan.to_dict(), output=str(output),
-                   ratios=ratios, eos=eos)
+                   ratios=ratios, eos=eos, val_threshold=val_threshold(plan, tokenized))
     splits = _finalize_shards(output, packed)
     if not keep_work:
         shutil.rmtree(output / "_work")

@@ -22,7 +22,9 @@ CLEAN_SCHEMA = pa.schema([
     ("doc_id", pa.int64()), ("source", pa.int16()), ("text", pa.string())])
 KEYS_SCHEMA = pa.schema([("bucket", pa.int32()), ("kind", pa.int8()), ("key", pa.int64()), ("doc_id", pa.int64())])
 SAMPLE_SCHEMA = pa.schema([("doc_id", pa.int64()), ("text", pa.string())])
-TOKENS_SCHEMA = pa.schema([("doc_id", pa.int64()), ("source", pa.int16()), ("ids", pa.list_(pa.int32()))])
+# key: the document's content hash (dedup.content_hash of its clean text), which picks its split
+TOKENS_SCHEMA = pa.schema([("doc_id", pa.int64()), ("source", pa.int16()), ("key", pa.int64()),
+                           ("ids", pa.list_(pa.int32()))])
 FLUSH_DOCS = 256
 
 
@@ -112,7 +114,14 @@ def bucket_edges(spec: dict, output: Path) -> dict:
     return {"chunk": spec["chunk"], **{k: v.tolist() for k, v in found.items()}}
 
 
-def tokenize_chunk(spec: dict, output: Path, removed: np.ndarray, names: list[str]) -> dict:
+def val_hash(keys: np.ndarray, plan: CurationPlan) -> np.ndarray:
+    """Uniform [0, 1) per document from its content key: the split follows the content, not
+    the document's position in the file list, so a rerun with more (or renamed) files keeps
+    every earlier val document in val."""
+    return unit_hash(keys, salt=3 + plan.seed)
+
+
+def tokenize_chunk(spec: dict, output: Path, removed: np.ndarray, names: list[str], plan: CurationPlan) -> dict:
     """Surviving documents -> token ids (no EOS yet) -> write; token counts per source."""
     from tokenizers import Tokenizer
 
@@ -124,6 +133,7 @@ def tokenize_chunk(spec: dict, output: Path, removed: np.ndarray, names: list[st
     path = work_file(output, "tokens", spec["chunk"])
     path.parent.mkdir(parents=True, exist_ok=True)
     tokens, docs, chars = Counter(), Counter(), Counter()
+    val_docs, min_u = 0, 1.0  # for the driver's val threshold (pipeline.val_threshold)
     with pq.ParquetWriter(path, TOKENS_SCHEMA, compression="zstd") as writer:
         for batch in src_file.iter_batches(batch_size=FLUSH_DOCS, columns=["doc_id", "source", "text"]):
             doc_id = batch["doc_id"].to_numpy()
@@ -139,14 +149,19 @@ def tokenize_chunk(spec: dict, output: Path, removed: np.ndarray, names: list[st
                 chars[names[s]] += len(text)
             offsets = np.concatenate([[0], np.cumsum([len(e) for e in encoded])]).astype(np.int32)
             flat = np.concatenate(encoded) if encoded else np.zeros(0, np.int32)
+            keys = np.fromiter((dedup.content_hash(t) for t in texts), dtype=np.int64, count=len(texts))
+            u = val_hash(keys, plan)
+            val_docs, min_u = val_docs + int((u < plan.val_fraction).sum()), min(min_u, float(u.min()))
             writer.write_table(pa.table({
-                "doc_id": doc_id[keep], "source": sources,
+                "doc_id": doc_id[keep], "source": sources, "key": keys,
                 "ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.int32()))},
                 schema=TOKENS_SCHEMA))
-    return {"chunk": spec["chunk"], "tokens": dict(tokens), "docs": dict(docs), "chars": dict(chars)}
+    return {"chunk": spec["chunk"], "tokens": dict(tokens), "docs": dict(docs), "chars": dict(chars),
+            "val_docs": val_docs, "min_u": min_u}
 
 
-def pack_chunk(spec: dict, plan: CurationPlan, output: Path, ratios: list[float], eos_id: int) -> dict:
+def pack_chunk(spec: dict, plan: CurationPlan, output: Path, ratios: list[float], eos_id: int,
+               val_threshold: float) -> dict:
     """Mix (each doc gets floor(r) or ceil(r) copies, r = its source's ratio), split
     train/val by document, order copies by a hash (spreads sources and repeats), pack,
     and write this chunk's train and val shards."""
@@ -154,10 +169,7 @@ def pack_chunk(spec: dict, plan: CurationPlan, output: Path, ratios: list[float]
     doc_id, source = table["doc_id"].to_numpy(), table["source"].to_numpy()
     ratio = np.asarray(ratios, dtype=np.float64)[source]
     copies = np.floor(ratio).astype(np.int64) + (unit_hash(doc_id, salt=2 + plan.seed) < ratio % 1.0)
-    u_val = unit_hash(doc_id, salt=3 + plan.seed)
-    is_val = u_val < plan.val_fraction
-    if plan.val_fraction > 0 and len(doc_id) >= 2 and not is_val.any():
-        is_val[np.argmin(u_val)] = True  # every chunk gives val at least one document
+    is_val = val_hash(table["key"].to_numpy(), plan) < val_threshold
     names = [s.name for s in plan.sources]
     result = {"chunk": spec["chunk"], "selected_tokens": Counter(), "shards": {}, "dropped_tokens": 0}
     for split, mask in (("train", ~is_val), ("val", is_val)):
