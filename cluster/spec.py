@@ -131,9 +131,16 @@ class RunSpec:
                              "s3://bucket/runs, gs://bucket/runs or an absolute path on shared storage")
         if self.volume is not None:
             claim, _, mount = self.volume.partition(":")
-            if not _DNS_LABEL.match(claim) or not mount.startswith("/") or mount == "/":
+            mount = mount.rstrip("/")
+            if not _DNS_LABEL.match(claim) or not mount.startswith("/"):
                 raise ValueError(f"volume={self.volume!r}: use CLAIM:/mount/path (a PersistentVolumeClaim "
                                  "name and where the pods mount it)")
+            if mount in ("/dev/shm", "/tmp") or PROJECT_DIR.startswith(mount + "/") or mount == PROJECT_DIR:
+                raise ValueError(f"volume={self.volume!r}: {mount} would hide what the pods need there "
+                                 f"(the project in {PROJECT_DIR}, /dev/shm, the scratch in /tmp); mount it "
+                                 "elsewhere, e.g. /data")
+        if not self.data_path.startswith("/") and "://" not in self.data_path:
+            raise ValueError(f"data_path={self.data_path!r}: give the absolute path the pods see")
         # The pods see a local path only in the image or on the shared volume: anything else
         # is each pod's own disk (data missing at start, checkpoints lost on a retry).
         if "://" in self.data_path:
@@ -141,6 +148,9 @@ class RunSpec:
                              "directory; put them on a ReadWriteMany volume and pass volume=CLAIM:/mount "
                              "(--volume) with a data_path under the mount")
         if not self._shared(self.data_path, image_ok=True):
+            if self.volume_claim:
+                raise ValueError(f"data_path={self.data_path!r} is not under the volume's mount "
+                                 f"{self.volume_claim[1]}: no pod would see it")
             raise ValueError(f"data_path={self.data_path!r} is in no pod unless it is on a shared volume: "
                              f"pass volume=CLAIM:{_parent(self.data_path)} (--volume; a ReadWriteMany "
                              "PersistentVolumeClaim holding the curated shards), or bake the data into "
@@ -209,7 +219,9 @@ class RunSpec:
 
 
 def _parent(path: str) -> str:
-    return path.rstrip("/").rsplit("/", 1)[0] or "/data"
+    """A mount to suggest for `path`: its parent folder, or the path itself at the root."""
+    parent = path.rstrip("/").rsplit("/", 1)[0]
+    return parent if parent else path.rstrip("/")
 
 
 def _choice(name: str, value: object, allowed: tuple) -> None:

@@ -158,17 +158,17 @@ def main(argv: list[str] | None = None) -> int:
     except LaunchError as exc:
         print(f"launch.py: error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # --out-dir not writable
-        print(f"launch.py: error: {exc}", file=sys.stderr)
-        return 2
     except API_ERRORS as exc:  # the API refused (e.g. no such --namespace) or did not answer
         detail = f"{exc.status} {exc.reason}" if hasattr(exc, "status") else str(exc)
         print(f"launch.py: error: Kubernetes API ({detail}); check --namespace, --context and "
               "`kubectl auth can-i create rayjobs`", file=sys.stderr)
         return 2
-    except TimeoutError as exc:
+    except TimeoutError as exc:  # before OSError, its base class: the job keeps running
         print(f"launch.py: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # --out-dir not writable
+        print(f"launch.py: error: {exc}", file=sys.stderr)
+        return 2
     print(f"[rayjob {spec.name}] finished: deployment={state.deployment} job={state.job}")
     return 0 if state.succeeded else 1
 

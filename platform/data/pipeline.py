@@ -120,10 +120,10 @@ def _pack(spec, plan, output, ratios, eos, val_threshold):
 def val_threshold(plan: CurationPlan, tokenized: list[dict]) -> float:
     """Documents whose `stages.val_hash` is below this go to val: `val_fraction` of them, or,
     in a corpus so small that none falls below it, the one lowest document (a val split of
-    one document rather than none). Decided over the whole corpus, not per chunk, so that
+    one document rather than none; a one-document corpus gets none). Decided over the whole corpus, not per chunk, so that
     how the files fall into chunks never moves a document between the splits."""
-    if plan.val_fraction == 0:
-        return 0.0
+    if plan.val_fraction == 0 or sum(sum(r["docs"].values()) for r in tokenized) < 2:
+        return 0.0  # one document is all training data
     if sum(r["val_docs"] for r in tokenized):
         return plan.val_fraction
     return float(np.nextafter(min(r["min_u"] for r in tokenized), 1.0))

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import kmock
 import pytest
@@ -167,3 +168,33 @@ def test_unreachable_api_server_exits_2_without_a_traceback(tmp_path, repo_root)
     done = subprocess.run([sys.executable, "jobs/launch.py", *FLAGS, "--kubeconfig", str(kubeconfig)],
                           cwd=repo_root, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Kubernetes API" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_watch_timeout_exits_1_and_says_the_job_keeps_running(monkeypatch, capsys):
+    """TimeoutError is an OSError: the --timeout-s expiry must not be reported as a bad argument."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("launch_job", Path(__file__).parents[2] / "jobs" / "launch.py")
+    launch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launch)
+
+    class Kube:
+        def __init__(self, api):
+            pass
+
+        def ensure_auth_secret(self, namespace, name):
+            return False
+
+        def create(self, manifest):
+            pass
+
+    def watch(*args, **kwargs):
+        raise TimeoutError("RayJob default/x still Running after 1 s; it keeps running in the cluster")
+
+    monkeypatch.setattr(launch, "missing_extra", lambda *a, **k: "")
+    monkeypatch.setattr(launch, "api_client", lambda *a: None)
+    monkeypatch.setattr(launch, "KubeRayClient", Kube)
+    monkeypatch.setattr(launch, "watch_job", watch)
+    assert launch.main([*FLAGS, "--timeout-s", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "keeps running" in err and "error" not in err

@@ -194,6 +194,9 @@ def test_secrets_are_referenced_and_gcs_fault_tolerance_uses_a_secret():
     (dict(volume=None), "data_path='/data/curated' is in no pod unless it is on a shared volume"),
     (dict(data_path="s3://bucket/curated"), "reads curated shards from a directory"),
     (dict(storage_path="/ckpt"), "each pod's own disk"), (dict(volume="curated"), "CLAIM:/mount"),
+    (dict(volume="c://"), "CLAIM:/mount"), (dict(volume="c:/app"), "would hide"),
+    (dict(volume="c:/dev/shm"), "would hide"), (dict(data_path="data/curated"), "absolute path"),
+    (dict(volume="c:/mnt"), "is not under the volume's mount /mnt"),
 ])
 def test_bad_run_spec_names_the_field(change, field):
     with pytest.raises(ValueError, match=re.escape(field)):

@@ -60,3 +60,19 @@ def test_pack_documents_layout():
     # EOS ends its own document: the token after every EOS starts the next doc id.
     row = ids[0]
     assert row[3] == 0 and doc_ids[0, 3] == 0 and doc_ids[0, 4] == 1
+
+
+def test_val_threshold_is_corpus_wide():
+    """val_fraction when some document's hash falls below it; else the single lowest
+    document; none for a one-document corpus (all of it is training data)."""
+    from mamba_slm.platform.data.pipeline import val_threshold
+    from mamba_slm.platform.data.plan import demo_plan
+
+    plan = demo_plan()
+    chunks = [{"docs": {"a": 3}, "val_docs": 0, "min_u": 0.4}, {"docs": {"a": 2}, "val_docs": 0, "min_u": 0.3}]
+    low = val_threshold(plan, chunks)
+    assert 0.3 < low < 0.3 + 1e-12  # only the lowest document, wherever its chunk
+    chunks[0]["val_docs"] = 1
+    assert val_threshold(plan, chunks) == plan.val_fraction
+    assert val_threshold(plan, [{"docs": {"a": 1}, "val_docs": 0, "min_u": 0.7}]) == 0.0
+    assert val_threshold(plan.replace(val_fraction=0.0), chunks) == 0.0
