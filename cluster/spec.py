@@ -62,6 +62,10 @@ SPOT_TARGETS: dict[str, tuple[SpotTarget, ...]] = {
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|Ki|Mi|Gi|Ti|k|M|G|T)?$")
 _URI = re.compile(r"^([a-z][a-z0-9+.-]*://.+|/.+)$")
+# Kubernetes label syntax (apimachinery validation.IsQualifiedName / IsValidLabelValue).
+_LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                        r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 
 
 def clouds_for(cloud: str) -> tuple[str, ...]:
@@ -129,9 +133,8 @@ class RunSpec:
         if not _URI.match(self.storage_path):
             raise ValueError(f"storage_path={self.storage_path!r}: use a URI such as "
                              "s3://bucket/runs, gs://bucket/runs or an absolute path on shared storage")
-        if self.volume is not None:
-            claim, _, mount = self.volume.partition(":")
-            mount = mount.rstrip("/")
+        if self.volume_claim is not None:
+            claim, mount = self.volume_claim
             if not _DNS_LABEL.match(claim) or not mount.startswith("/"):
                 raise ValueError(f"volume={self.volume!r}: use CLAIM:/mount/path (a PersistentVolumeClaim "
                                  "name and where the pods mount it)")
@@ -178,6 +181,10 @@ class RunSpec:
                      "ttl_seconds_after_finished", "termination_grace_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        for key, value in self.node_selector.items():
+            if not _LABEL_KEY.match(key) or not _LABEL_VALUE.match(value):
+                raise ValueError(f"node_selector {key}={value}: use a Kubernetes label key ([prefix/]name of "
+                                 "letters, digits, '-', '_', '.') and value")
         if self.cpu_workers_max < 0 or self.max_failures < 0:
             raise ValueError(f"cpu_workers_max={self.cpu_workers_max} and max_failures={self.max_failures} "
                              "must be >= 0")

@@ -75,10 +75,6 @@ def make_job(args, parser):
                      "model, then quantize the result")
     if args.eval_every and args.eval_data is None and not args.eval_fraction:
         parser.error("--eval-every needs a held-out set: --eval-data FILE or --eval-fraction F")
-    if not 0.0 <= args.eval_fraction < 1.0:
-        parser.error(f"--eval-fraction {args.eval_fraction}: must be in [0, 1)")
-    if args.eval_fraction and args.eval_data is not None:
-        parser.error("give --eval-data or --eval-fraction, not both")
     if not args.data.is_file():
         parser.error(f"--data {args.data}: no such file")
     if args.eval_data is not None and not args.eval_data.is_file():

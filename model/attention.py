@@ -213,7 +213,7 @@ class Attention(nn.Module):
         # (consecutive heads, as `enable_gqa` groups them) become that many queries
         # against the group's one key/value head.
         q = q.reshape(b, self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim)
-        if kernels and self.reads_filled_cache_only(x.device):
+        if self.reads_filled_cache_only(x.device):
             out = decode_attention(q, state.k, state.v, state.offset)
         else:
             out = decode_attention_ref(q, state.k, state.v, state.offset)

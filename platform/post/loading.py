@@ -13,7 +13,7 @@ from mamba_slm.model import HybridLM
 from mamba_slm.model.io import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load_pretrained
 from mamba_slm.platform.evaluate.checkpoint import find_eos
 
-from .quantize import Int4Linear, is_quantized_dir, load_quantized
+from .quantize import check_device, cpu_only, is_quantized_dir, load_quantized
 
 
 @dataclass
@@ -26,8 +26,7 @@ class LoadedModel:
 
     @property
     def cpu_only(self) -> bool:
-        """INT4 weights: their kernel (torch's int4pack for CPU) has no GPU counterpart here."""
-        return any(isinstance(m, Int4Linear) for m in self.model.modules())
+        return cpu_only(self.model)
 
 
 def check_model_dir(path: str | Path) -> Path:
@@ -69,7 +68,5 @@ def place(loaded: LoadedModel, device: str) -> None:
     if torch.device(device).type == "cpu":
         loaded.model.to(device)
         return
-    if loaded.cpu_only:
-        raise ValueError(f"{loaded.path} is an INT4 model, which runs on a CPU only: serve it with "
-                         "--device cpu, or quantize with --bits 8 for a GPU")
+    check_device(loaded.model, device, loaded.path, "serve it with --device cpu")
     loaded.model.to(device, torch.bfloat16)

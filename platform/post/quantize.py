@@ -117,6 +117,18 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
 
+def cpu_only(model: nn.Module) -> bool:
+    """INT4 weights: their kernel (torch's int4pack for CPU) has no GPU counterpart here."""
+    return any(isinstance(m, Int4Linear) for m in model.modules())
+
+
+def check_device(model: nn.Module, device: str, path, fix: str) -> None:
+    """ValueError when `model` (from `path`) cannot run on `device`; `fix` says how to load it instead."""
+    if torch.device(device).type != "cpu" and cpu_only(model):
+        raise ValueError(f"{path} is an INT4 model, which runs on a CPU only: {fix}, or quantize with "
+                         "--bits 8 for a GPU")
+
+
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x (M, K) bf16 @ (weight (N, K) int8 * scale (N,)).T, in x's dtype (the scale applied
     in float32, one rounding)."""

@@ -251,12 +251,11 @@ def load_model(path: str | Path, device: str = "cpu") -> HybridLM:
         quantization = json.loads((path / CONFIG_FILE).read_text()).get("quantization")
         if quantization is None:
             return load_pretrained(path, device=device)
-        from mamba_slm.platform.post.quantize import load_quantized
+        from mamba_slm.platform.post.quantize import check_device, load_quantized
 
-        if quantization.get("bits") == 4 and torch.device(device).type != "cpu":
-            raise ValueError(f"{path} is an INT4 model, which runs on a CPU only: load it on the CPU "
-                             "(--device cpu in the jobs), or quantize with --bits 8 for a GPU")
-        return load_quantized(path).to(device)
+        model = load_quantized(path)
+        check_device(model, device, path, "load it on the CPU (--device cpu in the jobs)")
+        return model.to(device)
     if (path / "model" / WEIGHTS_FILE).is_file():
         return load_pretrained(path / "model", device=device)
     if not (path / STATE_FILE).is_file():
