@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import copy
 import json
+import os
 import sys
 import time
 
@@ -424,6 +425,68 @@ def generate_breakdown(model, prompt: torch.Tensor, new: int, cache_lens: list[i
     return rows
 
 
+def boundary_profile(model, prompt: torch.Tensor, new: int, out_dir: str | None = None) -> list[dict]:
+    """Why work between two replays of the step costs ~0.1 ms per token (session 12): a
+    CUDA trace (torch.profiler, kernels and copies on the device) of 32 tokens of each loop
+    -- replays back to back, a token copy + replay, the step with a greedy argmax into its
+    own input as one graph -- split into the GPU's busy time and its idle gaps per token,
+    the largest gaps with the kernels around them, and the kernels whose time per token
+    differs most between the first and the last loop."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    generation._GRAPH_DECODERS.pop(model, None)
+    T = prompt.shape[1]
+    dec = generation.make_decoder(model, 1, T + new, True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        dec._token.copy_(dec._forward(dec._token).argmax(-1, keepdim=True))
+    torch.cuda.current_stream().wait_stream(side)
+    greedy = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(greedy):
+        dec._token.copy_(dec._forward(dec._token).argmax(-1, keepdim=True))
+    src = prompt[:, -1:].clone()
+    loops = {"replay back to back": dec.graph.replay,
+             "token copy + replay": lambda: (dec._token.copy_(src), dec.graph.replay()),
+             "step + argmax, one graph": greedy.replay}
+    n, rows, per_name = 32, [], {}
+    for what, fn in loops.items():
+        dec.prefill(prompt)
+        for _ in range(4):
+            fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(n):
+                fn()
+            torch.cuda.synchronize()
+        path = os.path.join(out_dir or tempfile.mkdtemp(), what.replace(" ", "_").replace(",", "").replace("+", "") + ".json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            evs = sorted((e for e in json.load(f)["traceEvents"]
+                          if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+        span = evs[-1]["ts"] + evs[-1]["dur"] - evs[0]["ts"]
+        busy = sum(e["dur"] for e in evs)
+        gaps = sorted(((b["ts"] - a["ts"] - a["dur"], a["name"][:40], b["name"][:40]) for a, b in zip(evs, evs[1:])),
+                      reverse=True)
+        names: dict[str, float] = {}
+        for e in evs:
+            names[e["name"][:70]] = names.get(e["name"][:70], 0.0) + e["dur"] / n
+        per_name[what] = names
+        rows.append(dict(loop=what, ops_per_token=round(len(evs) / n, 1), span_us=round(span / n, 1),
+                         busy_us=round(busy / n, 1), idle_us=round((span - busy) / n, 1),
+                         gaps_over_5us=sum(g > 5 for g, _, _ in gaps) / n,
+                         largest_gaps=", ".join(f"{g:.0f}us {a} -> {b}" for g, a, b in gaps[:3])))
+    first, last = per_name["replay back to back"], per_name["step + argmax, one graph"]
+    diff = sorted(((last.get(k, 0.0) - first.get(k, 0.0), k) for k in set(first) | set(last)),
+                  key=lambda t: -abs(t[0]))
+    print("\nkernels whose time per token differs most, (step + argmax) minus (replays back to back), us:")
+    for d, k in diff[:12]:
+        print(f"  {d:+8.2f}  {first.get(k, 0.0):8.2f} -> {last.get(k, 0.0):8.2f}  {k}")
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="1.3B")
@@ -446,6 +509,9 @@ def main(argv=None) -> int:
     p.add_argument("--breakdown", type=int, nargs="*", metavar="CACHE_LEN",
                    help="where generate's time per token goes beyond the step (ours, bf16), the step "
                         "timed at these cache lengths (default: 256 512 2048 8192)")
+    p.add_argument("--boundary", action="store_true",
+                   help="a CUDA trace of the decode loops: busy vs idle time per token around the step's graph")
+    p.add_argument("--trace-dir", default=None, help="keep --boundary's chrome traces here")
     p.add_argument("--out", default=None, help="append JSON lines here")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -513,6 +579,12 @@ def main(argv=None) -> int:
             print_table(generate_breakdown(ours, prompt, args.new, args.breakdown or [256, 512, 2048, 8192]))
         except Exception as exc:  # noqa: BLE001 - extra information; the table still prints
             print(f"breakdown failed: {exc!r}", flush=True)
+    if args.boundary and ours is not None:
+        try:
+            print("\nthe decode loop on the GPU, per token (ours, bf16, CUDA graphs, 32 tokens each):")
+            print_table(boundary_profile(ours, prompt, args.new, args.trace_dir))
+        except Exception as exc:  # noqa: BLE001 - extra information; the table still prints
+            print(f"boundary profile failed: {exc!r}", flush=True)
     print(f"\ndecode, {args.size}, batch 1, prompt {args.prompt}, {args.new} new tokens, bf16, greedy; "
           f"{dev}; weights read per step {bf16_bytes / 1e9:.2f} GB (bf16)")
     print_table(rows)

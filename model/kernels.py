@@ -130,11 +130,11 @@ if triton is not None:
                 else:
                     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
                 m = m_new
-        # splits past the filled positions store m = -inf, l = 0, acc = 0 (weight 0 below)
-        row = bh * NSPLIT + split
-        tl.store(acc_ptr + (row * BLOCK_G + g[:, None]) * D + d[None, :], acc)
-        tl.store(ml_ptr + (row * 2) * BLOCK_G + g, m)
-        tl.store(ml_ptr + (row * 2 + 1) * BLOCK_G + g, l)
+        if start < n_valid:  # splits past the filled positions store nothing: the combine skips them
+            row = bh * NSPLIT + split
+            tl.store(acc_ptr + (row * BLOCK_G + g[:, None]) * D + d[None, :], acc)
+            tl.store(ml_ptr + (row * 2) * BLOCK_G + g, m)
+            tl.store(ml_ptr + (row * 2 + 1) * BLOCK_G + g, l)
 
     @triton.jit
     def _decode_attn_combine_kernel(acc_ptr, ml_ptr, out_ptr, offset_ptr,
