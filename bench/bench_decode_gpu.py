@@ -163,6 +163,8 @@ def decode_rows(cfg: ModelConfig, prompt_len: int, new: int, sides: list[str]):
         unfused = side == "ours_graphs_unfused"
         if unfused:
             set_decode_levers(model, False)
+        if family != "mamba_ssm":  # the PDL kernel chain of model/fused_decode.py, or the layer-by-layer step
+            model.fused_decode = side not in ("ours_graphs_layerwise", "ours_graphs_unfused", "ours_graphs_gemv")
         try:
             with gemv_linears(model) if side == "ours_graphs_gemv" else contextlib.nullcontext():
                 first, second, out = timed(run)
@@ -181,6 +183,8 @@ def decode_rows(cfg: ModelConfig, prompt_len: int, new: int, sides: list[str]):
         finally:
             if unfused:
                 set_decode_levers(model, True)
+            if family != "mamba_ssm":
+                model.fused_decode = True
         outs[side] = out[0, prompt_len:].tolist()
         rows.append(dict(side=side, tokens_per_s=round(new / second, 1), ms_per_token=round(second / new * 1e3, 3),
                          prefill_ms=prefill_ms and round(prefill_ms, 1),
@@ -425,6 +429,47 @@ def generate_breakdown(model, prompt: torch.Tensor, new: int, cache_lens: list[i
     return rows
 
 
+def fused_step_rows(model, prompt: torch.Tensor, variants: list[str]) -> list[dict]:
+    """The captured fused step (model/fused_decode.py) under other GEMV tilings, without PDL,
+    and the layer-by-layer step: ms per replayed step, one capture each. A variant is
+    "R1/R2/R3:BK:W" (rows per program for weights of up to 4,096 / 16,384 / more rows, the
+    longest K tile, warps), "default", "nopdl" or "layerwise"."""
+    from mamba_slm.model import fused_decode
+
+    default_config, default_pdl = fused_decode.gemv_config, fused_decode.pdl_supported
+    rows, T = [], prompt.shape[1]
+    for spec in variants:
+        if ":" in spec:
+            r, bk, w = spec.split(":")
+            r1, r2, r3 = (int(v) for v in r.split("/"))
+            fused_decode.gemv_config = (lambda n, k, r1=r1, r2=r2, r3=r3, bk=int(bk), w=int(w):
+                                        (r1 if n <= 4096 else r2 if n <= 16384 else r3, min(bk, triton_pow2(k)), w))
+        if spec == "nopdl":
+            fused_decode.pdl_supported = lambda device: False
+        model.fused_decode = spec != "layerwise"
+        generation._GRAPH_DECODERS.pop(model, None)
+        try:
+            t0 = time.perf_counter()
+            dec = generation.make_decoder(model, 1, T + 102, True)
+            capture_s = time.perf_counter() - t0
+            dec.prefill(prompt)
+            ms = time_cuda(dec.graph.replay, 100) / 100 * 1e3
+            rows.append(dict(step=spec, fused=dec.fused, ms_per_step=round(ms, 4), tokens_per_s=round(1e3 / ms, 1),
+                             capture_s=round(capture_s, 1)))
+        except Exception as exc:  # noqa: BLE001 - the other variants still run
+            rows.append(dict(step=spec, error=repr(exc)[:120]))
+        finally:
+            fused_decode.gemv_config, fused_decode.pdl_supported = default_config, default_pdl
+            model.fused_decode = True
+        print(json.dumps(rows[-1]), flush=True)
+    generation._GRAPH_DECODERS.pop(model, None)
+    return rows
+
+
+def triton_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
 def boundary_profile(model, prompt: torch.Tensor, new: int, out_dir: str | None = None) -> list[dict]:
     """Why work between two replays of the step costs ~0.1 ms per token (session 12): a
     CUDA trace (torch.profiler, kernels and copies on the device) of 32 tokens of each loop
@@ -492,11 +537,13 @@ def main(argv=None) -> int:
     p.add_argument("--size", default="1.3B")
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new", type=int, default=256)
-    sides = ["ours_eager", "ours_graphs_unfused", "ours_graphs", "ours_graphs_gemv", "ours_graphs_int8",
-             "mamba_ssm_graphs"]
+    sides = ["ours_eager", "ours_graphs_unfused", "ours_graphs_layerwise", "ours_graphs", "ours_graphs_gemv",
+             "ours_graphs_int8", "mamba_ssm_graphs"]
     p.add_argument("--sides", nargs="+", default=[s for s in sides if s not in ("ours_graphs_gemv", "ours_graphs_int8")],
                    choices=sides,
-                   help="ours_graphs_unfused: CUDA graphs without the packed matmuls and the RoPE kernel; "
+                   help="ours_graphs: the fused PDL step (model/fused_decode.py); ours_graphs_layerwise: "
+                        "CUDA graphs of the layer-by-layer step (cuBLAS GEMVs); "
+                        "ours_graphs_unfused: CUDA graphs without the packed matmuls and the RoPE kernel; "
                         "ours_graphs_gemv (experiment): CUDA graphs with every matmul an inductor GEMV; "
                         "ours_graphs_int8: the same weights quantized to INT8 weight-only "
                         "(platform/post/quantize.py), CUDA graphs; its ceiling is its own step_gb")
@@ -509,6 +556,9 @@ def main(argv=None) -> int:
     p.add_argument("--breakdown", type=int, nargs="*", metavar="CACHE_LEN",
                    help="where generate's time per token goes beyond the step (ours, bf16), the step "
                         "timed at these cache lengths (default: 256 512 2048 8192)")
+    p.add_argument("--fused-variants", nargs="*", metavar="VARIANT",
+                   help="the captured fused step with other GEMV tilings (R1/R2/R3:BK:W), without PDL (nopdl), "
+                        "and the layer-by-layer step (layerwise); default: a small set")
     p.add_argument("--boundary", action="store_true",
                    help="a CUDA trace of the decode loops: busy vs idle time per token around the step's graph")
     p.add_argument("--trace-dir", default=None, help="keep --boundary's chrome traces here")
@@ -526,7 +576,7 @@ def main(argv=None) -> int:
         ours_int8 = None
         torch.cuda.empty_cache()
     status = 0
-    for side in ("ours_graphs_unfused", "ours_graphs", "ours_graphs_gemv"):
+    for side in ("ours_graphs_unfused", "ours_graphs_layerwise", "ours_graphs", "ours_graphs_gemv"):
         if "ours_eager" in outs and side in outs:
             agree = first_divergence(outs["ours_eager"], outs[side])
             ok = agree >= min(args.check_tokens, args.new)
@@ -579,6 +629,10 @@ def main(argv=None) -> int:
             print_table(generate_breakdown(ours, prompt, args.new, args.breakdown or [256, 512, 2048, 8192]))
         except Exception as exc:  # noqa: BLE001 - extra information; the table still prints
             print(f"breakdown failed: {exc!r}", flush=True)
+    if args.fused_variants is not None and ours is not None:
+        print("\nthe captured step, fused variants (ours, bf16, batch 1, cache 512):")
+        print_table(fused_step_rows(ours, prompt, args.fused_variants or [
+            "default", "4/8/16:2048:4", "4/8/16:2048:8", "nopdl", "layerwise"]))
     if args.boundary and ours is not None:
         try:
             print("\nthe decode loop on the GPU, per token (ours, bf16, CUDA graphs, 32 tokens each):")

@@ -22,6 +22,7 @@ from collections import OrderedDict
 
 import torch
 
+from . import fused_decode
 from .attention import Attention
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,9 @@ class Decoder:
         self._model = weakref.ref(model)
         self.vocab = model.config.vocab_size
         self.cache = model.new_cache(batch, max_len)
+        with torch.no_grad():  # (packed weights read as None while autograd records)
+            # one row on a GPU: the PDL kernel chain of model/fused_decode.py
+            self.fused = fused_decode.fusable(model, batch, device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.key: tuple | None = None  # what `graph_decoder` reuses it for
         if resolve_cuda_graphs(cuda_graphs, device):
@@ -109,6 +113,8 @@ class Decoder:
         return self._model()
 
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.fused and ids.shape[1] == 1:
+            return fused_decode.decode_step(self.model, ids, self.cache)[:, -1, :self.vocab]
         return self.model(ids, cache=self.cache).logits[:, -1, :self.vocab]
 
     @torch.no_grad()
@@ -153,7 +159,8 @@ def graph_decoder(model, batch: int, max_len: int) -> Decoder:
     other weights (moved, reloaded) are freed at once."""
     model.pack_for_decoding()  # before the key: packing moves the weights once
     weights = tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))  # INT8 weights are buffers
-    key = (batch, max_len, torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"), weights)
+    key = (batch, max_len, torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
+           getattr(model, "fused_decode", True), weights)
     decoders = _GRAPH_DECODERS.setdefault(model, OrderedDict())
     for stale in [k for k in decoders if k[-1] != weights]:
         del decoders[stale]

@@ -103,6 +103,7 @@ class HybridLM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.gradient_checkpointing = False
+        self.fused_decode = True  # batch-1 decode steps on a GPU: model/fused_decode.py
         if cfg.ssm_path == "reference":
             for module in self.modules():
                 if isinstance(module, (RMSNorm, Attention)):

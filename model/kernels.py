@@ -36,9 +36,12 @@ if triton is not None:
                            stride_qkv, stride_q, stride_kb, stride_kh, stride_kt,
                            stride_vb, stride_vh, stride_vt,
                            H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, RD: tl.constexpr,
-                           BLOCK_D: tl.constexpr):
+                           BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr = False):
         b = tl.program_id(0)
         head = tl.program_id(1)  # [0, H): query heads, [H, H + KVH): keys, then values
+        if USE_PDL:  # launched early (model/fused_decode.py): wait for qkv
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         pos = tl.load(offset_ptr)
         d = tl.arange(0, BLOCK_D)
         in_head = d < D
@@ -63,17 +66,19 @@ if triton is not None:
 
 
 def rope_cache_update(qkv: torch.Tensor, rope: torch.Tensor, offset: torch.Tensor, k_cache: torch.Tensor,
-                      v_cache: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+                      v_cache: torch.Tensor, n_heads: int, head_dim: int, pdl: bool = False) -> torch.Tensor:
     """qkv (B, (H + 2 KVH) * D) -> rotated queries (B, H, D); keys and values written into
     the caches (B, KVH, max_len, D) at position `offset` (a (1,) int64 device tensor).
-    `rope` (max_len, 2, rotary_dim) float32: cos and sin per position."""
+    `rope` (max_len, 2, rotary_dim) float32: cos and sin per position. pdl: launched with
+    Programmatic Dependent Launch (sm90+; `model/fused_decode.py`)."""
     b, kvh = qkv.shape[0], k_cache.shape[1]
     assert qkv.stride(-1) == 1 and rope.is_contiguous() and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     q = torch.empty(b, n_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     _rope_cache_kernel[(b, n_heads + 2 * kvh)](
         qkv, rope, offset, q, k_cache, v_cache,
         qkv.stride(0), q.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3],
-        H=n_heads, KVH=kvh, D=head_dim, RD=rope.shape[-1], BLOCK_D=triton.next_power_of_2(head_dim))
+        H=n_heads, KVH=kvh, D=head_dim, RD=rope.shape[-1], BLOCK_D=triton.next_power_of_2(head_dim),
+        USE_PDL=pdl, **({"launch_pdl": True} if pdl else {}))
     return q
 
 
@@ -96,10 +101,13 @@ if triton is not None:
                                   stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
                                   KVH: tl.constexpr, G: tl.constexpr, D: tl.constexpr, NSPLIT: tl.constexpr,
                                   SPLIT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                                  IEEE: tl.constexpr):
+                                  IEEE: tl.constexpr, USE_PDL: tl.constexpr = False):
         bh = tl.program_id(0)  # row * KVH + kv head
         split = tl.program_id(1)
         b, h = bh // KVH, bh % KVH
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         n_valid = tl.load(offset_ptr) + 1  # this step's key is written: positions [0, offset]
         start = split * SPLIT
         g = tl.arange(0, BLOCK_G)
@@ -139,8 +147,11 @@ if triton is not None:
     @triton.jit
     def _decode_attn_combine_kernel(acc_ptr, ml_ptr, out_ptr, offset_ptr,
                                     G: tl.constexpr, D: tl.constexpr, NSPLIT: tl.constexpr,
-                                    SPLIT: tl.constexpr, BLOCK_G: tl.constexpr):
+                                    SPLIT: tl.constexpr, BLOCK_G: tl.constexpr, USE_PDL: tl.constexpr = False):
         bh = tl.program_id(0)
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         g = tl.arange(0, BLOCK_G)
         d = tl.arange(0, D)
         used = tl.minimum(tl.cdiv(tl.load(offset_ptr) + 1, SPLIT), NSPLIT)  # splits holding keys
@@ -170,7 +181,7 @@ def decode_attention_supported(head_dim: int, group: int) -> bool:
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     offset: torch.Tensor) -> torch.Tensor:
+                     offset: torch.Tensor, pdl: bool = False) -> torch.Tensor:
     """q (B, KVH, G, D): the G query heads of each kv head, for one token per row at
     position `offset` ((1,) int64 device tensor, its key already written); caches
     (B, KVH, max_len, D). -> (B, KVH, G, D): softmax(q k^T / sqrt(D)) v over positions
@@ -187,12 +198,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     ml = torch.empty(B * KVH * nsplit * 2 * block_g, dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
     ieee = q.dtype == torch.float32  # fp32 models: no TF32 rounding in the products
+    launch = {"launch_pdl": True} if pdl else {}  # Programmatic Dependent Launch (model/fused_decode.py)
     _decode_attn_split_kernel[(B * KVH, nsplit)](
         q, k_cache, v_cache, offset, acc, ml, D ** -0.5, *k_cache.stride()[:3], *v_cache.stride()[:3],
         KVH=KVH, G=G, D=D, NSPLIT=nsplit, SPLIT=DECODE_SPLIT, BLOCK_G=block_g, BLOCK_N=64 if D <= 128 else 32,
-        IEEE=ieee, num_warps=4)
+        IEEE=ieee, USE_PDL=pdl, num_warps=4, **launch)
     _decode_attn_combine_kernel[(B * KVH,)](acc, ml, out, offset, G=G, D=D, NSPLIT=nsplit, SPLIT=DECODE_SPLIT,
-                                            BLOCK_G=block_g, num_warps=4)
+                                            BLOCK_G=block_g, USE_PDL=pdl, num_warps=4, **launch)
     return out
 
 
