@@ -162,15 +162,21 @@ class Attention(nn.Module):
                        rope=torch.stack([cos, sin], dim=1))
 
     def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None,
-                state: KVState | None = None) -> torch.Tensor:
+                state: KVState | None = None, valid_len: torch.Tensor | None = None,
+                start: int | None = None) -> torch.Tensor:
+        """x (B, T, hidden) -> (B, T, hidden). With `state`: continue from the cache, whose
+        host-side count of cached tokens is `start` (None: read from the device, a sync).
+        Right padding (`valid_len`) needs nothing here: causal attention keeps real tokens
+        from seeing it, and its keys sit past the cache's offset, where the next steps
+        overwrite them."""
         b, T, _ = x.shape
-        if state is not None and T == 1:
+        if state is not None and T == 1 and valid_len is None:
             return self.o_proj(self._decode_step(x, state))
         q = self.q_proj(x).view(b, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(b, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if state is not None:
-            out = self._prefill(q, k, v, state)
+            out = self._prefill(q, k, v, state, start)
         else:
             cos, sin = self.rotary(torch.arange(T, device=x.device))
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -184,10 +190,11 @@ class Attention(nn.Module):
             out = out.transpose(1, 2).reshape(b, T, -1)
         return self.o_proj(out)
 
-    def _prefill(self, q, k, v, state: KVState) -> torch.Tensor:
+    def _prefill(self, q, k, v, state: KVState, start: int | None = None) -> torch.Tensor:
         """Several tokens into the cache (a prompt, or a chunk continuing one)."""
         b, _, T, _ = q.shape
-        start = int(state.offset)  # host sync: once per layer per prompt, never per step
+        if start is None:
+            start = int(state.offset)  # host sync: once per layer per prompt, never per step
         cos, sin = state.rope[start:start + T].unbind(1)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         state.k[:, :, start:start + T] = k

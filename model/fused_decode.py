@@ -190,13 +190,14 @@ def pdl_supported(device: torch.device) -> bool:
 
 
 def gemv_config(n: int, k: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps) for an (n, k) weight: narrow row blocks (many programs,
-    many loads in flight) and long K tiles were the fastest batch-1 GEMVs on an H200
-    (bench/RESULTS.md, session 7). Replaced by the benchmark to compare others."""
+    """(BLOCK_N, BLOCK_K, num_warps) for an (n, k) weight: the fastest whole step of the 1.3B
+    preset among 13 tilings on an H200 (bench/RESULTS.md, session 13: 1.071 ms; 1.193 with
+    half the rows, 1.39 with 16 rows for in_proj and gate|up). Replaced by the benchmark to
+    compare others."""
     if INTERPRET:
         return 32, 32, 4
     block_k = min(2048, triton.next_power_of_2(k))
-    return (2 if n <= 4096 else 4 if n <= 16384 else 8), block_k, 4
+    return (4 if n <= 4096 else 8 if n <= 16384 else 16), block_k, 4
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, prologue: int = PLAIN, aux: torch.Tensor | None = None,

@@ -80,14 +80,16 @@ class Block(nn.Module):
         self.feed_forward = SwiGLU(cfg.hidden_size, cfg.mlp_hidden_size)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
-                seq_idx: torch.Tensor | None = None, state=None) -> tuple[torch.Tensor, torch.Tensor]:
+                seq_idx: torch.Tensor | None = None, state=None, **cache_args) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the previous block's output (the embedding for the first block, with
-        residual None) -> (this block's MLP output, the residual stream before it)."""
+        residual None) -> (this block's MLP output, the residual stream before it).
+        cache_args (valid_len, start) go to the mixer with its state (`HybridLM.forward`)."""
         if residual is None:
             normed, residual = self.input_layernorm(x), x
         else:
             normed, residual = self.input_layernorm(x, residual)
-        normed, residual = self.pre_ff_layernorm(self.mixer(normed, seq_idx=seq_idx, state=state), residual)
+        mixed = self.mixer(normed, seq_idx=seq_idx, state=state, **cache_args)
+        normed, residual = self.pre_ff_layernorm(mixed, residual)
         return self.feed_forward(normed), residual
 
 
@@ -170,7 +172,7 @@ class HybridLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, cache: InferenceCache | None = None,
-                return_logits: bool = True) -> LMOutput:
+                return_logits: bool = True, valid_len: torch.Tensor | None = None) -> LMOutput:
         """input_ids (B, T) -> LMOutput(logits (B, T, V_padded), loss, cache).
 
         With labels and return_logits=False, the loss is computed chunk by chunk and no
@@ -179,21 +181,35 @@ class HybridLM(nn.Module):
         seq_idx (B, T): document index per token (non-decreasing); no information flows
         between documents. labels (B, T): targets aligned with input_ids (already shifted),
         -100 ignored. cache: continue decoding from (and update) an `InferenceCache`.
+
+        valid_len ((1,) int64 device tensor, with a cache): the rows are right-padded and
+        only their first valid_len tokens are real (every row the same): the padding changes
+        no state, the cache's device offset advances by valid_len (its host count
+        `seqlen` by T: the caller, who knows the real count, sets it), and the logits are
+        those of the last real token only, (B, 1, V). A prompt padded to a few fixed
+        lengths can so run as a captured CUDA graph (`generation.Decoder.prefill`).
         """
+        cache_args = {}
         if cache is not None:
             if seq_idx is not None:
                 raise ValueError("seq_idx (packed documents) is for training; decode one document per row")
             cache.check_room(input_ids.shape[1])
+            cache_args = dict(valid_len=valid_len, start=cache.seqlen)  # start: no device read per layer
         h, residual = self.embed_tokens(input_ids), None  # (B, T, hidden)
         for i, block in enumerate(self.layers):
             state = None if cache is None else cache.layers[i]
             if self.gradient_checkpointing and self.training and cache is None:
                 h, residual = checkpoint(block, h, residual, seq_idx, use_reentrant=False)
             else:
-                h, residual = block(h, residual, seq_idx=seq_idx, state=state)
+                h, residual = block(h, residual, seq_idx=seq_idx, state=state, **cache_args)
+        if cache is not None and valid_len is not None:
+            last = (valid_len - 1).clamp(min=0)
+            h, residual = h.index_select(1, last), residual.index_select(1, last)
         h = self.final_norm(h, residual)[0]
         if cache is not None:
             cache.advance(input_ids.shape[1])
+            if valid_len is not None:
+                cache.offset.copy_(cache.offset - input_ids.shape[1] + valid_len)
         if labels is not None and not return_logits:
             return LMOutput(logits=None, loss=self.chunked_loss(h, labels), cache=cache)
         logits = self.lm_head(h)  # (B, T, V_padded)

@@ -133,16 +133,25 @@ class Mamba2Mixer(nn.Module):
             A=-torch.exp(self.A_log.detach().float()).to(device), A_log=self.A_log)
 
     def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None,
-                state: MambaState | None = None) -> torch.Tensor:
-        """x (B, T, hidden) -> (B, T, hidden). With `state`, continue from it and update it."""
+                state: MambaState | None = None, valid_len: torch.Tensor | None = None,
+                start: int = 0) -> torch.Tensor:
+        """x (B, T, hidden) -> (B, T, hidden). With `state`, continue from it and update it.
+
+        valid_len ((1,) int64 device tensor, with `state`): only the first valid_len tokens
+        are real, the rest right padding (a prompt padded to a captured graph's length):
+        their dt becomes 0 (softplus(-inf)), so they leave the SSM state as the real tokens
+        left it, and the conv window keeps the last real inputs. (`start` is attention's.)"""
         b, T, _ = x.shape
         zxbcdt = self.in_proj(x)
         if state is None and self._fused(x.device):
             return self._fused_forward(zxbcdt, seq_idx)
         z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
-        if state is not None and T == 1:
+        if state is not None and T == 1 and valid_len is None:
             return self._step(z, xBC, dt, state)
-        xBC = self._conv(xBC, seq_idx, state)  # (B, T, conv_dim), after silu
+        if state is not None and valid_len is not None:
+            pad = torch.arange(T, device=x.device)[None, :, None] >= valid_len
+            dt = dt.masked_fill(pad, float("-inf"))
+        xBC = self._conv(xBC, seq_idx, state, valid_len)  # (B, T, conv_dim), after silu
         xs, B, C = xBC.split([self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
         dt = F.softplus(dt.float() + self.dt_bias.float())  # (B, T, n_heads)
         A = -torch.exp(self.A_log.float())
@@ -178,7 +187,8 @@ class Mamba2Mixer(nn.Module):
             ngroups=self.n_groups, norm_before_gate=False)
         return y if plain else self.out_proj(y)
 
-    def _conv(self, xBC: torch.Tensor, seq_idx, state: MambaState | None) -> torch.Tensor:
+    def _conv(self, xBC: torch.Tensor, seq_idx, state: MambaState | None,
+              valid_len: torch.Tensor | None = None) -> torch.Tensor:
         x = xBC.transpose(1, 2)  # (B, conv_dim, T)
         W = self.cfg.mamba_d_conv
         if state is None and self.path(x.device) == "kernel" and causal_conv1d_fn is not None:
@@ -191,7 +201,10 @@ class Mamba2Mixer(nn.Module):
         out = causal_conv_ref(x, self.conv1d.weight, self.conv1d.bias, seq_idx, prev)
         if state is not None:
             full = torch.cat([state.conv.to(x.dtype), x], dim=-1)
-            state.conv.copy_(full[..., -(W - 1):])
+            if valid_len is None:
+                state.conv.copy_(full[..., -(W - 1):])
+            else:  # the last W - 1 real inputs: columns [valid_len, valid_len + W - 1) of full
+                state.conv.copy_(full.index_select(-1, valid_len + torch.arange(W - 1, device=x.device)))
         return F.silu(out).transpose(1, 2)
 
     def _step(self, z, xBC, dt, state: MambaState) -> torch.Tensor:

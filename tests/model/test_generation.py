@@ -128,6 +128,31 @@ def test_cuda_graphs_need_cuda():
     assert generation.resolve_cuda_graphs(None, torch.device("cpu")) is False
 
 
+@pytest.mark.parametrize("pattern", ["AMAM", "MMMM"])
+@pytest.mark.parametrize("real", [1, 2, 11, 16])
+def test_a_right_padded_prompt_leaves_the_cache_as_the_prompt_alone(pattern, real):
+    """valid_len (the prompt graphs of Decoder.prefill): padding tokens change no Mamba-2
+    state (dt = 0), the conv window keeps the last real inputs, the device offset counts
+    real tokens only, the logits are the last real token's; the next steps agree."""
+    model = _model(pattern)
+    ids = torch.randint(0, 4000, (2, real + 6))
+    padded = torch.cat([ids[:, :real], torch.randint(0, 4000, (2, 16 - real))], 1)
+    a, b = model.new_cache(2, 32), model.new_cache(2, 32)
+    with torch.no_grad():
+        want = model(ids[:, :real], cache=a).logits[:, -1:]
+        got = model(padded, cache=b, valid_len=torch.tensor([real])).logits
+        assert got.shape == want.shape and int(b.offset) == real
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+        b.seqlen = real  # the caller's part (Decoder.prefill)
+        for t in range(real, real + 6):
+            torch.testing.assert_close(model(ids[:, t:t + 1], cache=b).logits, model(ids[:, t:t + 1], cache=a).logits,
+                                       atol=2e-5, rtol=1e-5)
+    for sa, sb in zip(a.layers, b.layers):
+        if hasattr(sa, "ssm"):
+            torch.testing.assert_close(sb.conv, sa.conv)
+            torch.testing.assert_close(sb.ssm, sa.ssm, atol=2e-5, rtol=1e-5)
+
+
 def test_graph_decoders_are_bucketed_and_kept_least_recently_used(monkeypatch):
     """Cache lengths: multiples of 256, or powers of two for graph decoders whose attention
     reads only the filled positions (the GPU kernel); the model keeps the
