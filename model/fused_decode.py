@@ -35,7 +35,9 @@ launches back is complete); it writes only after its wait.
 Rounding follows the layer-by-layer step (the residual sum rounded to the residual's
 dtype with the norm taken from the unrounded sum, as mamba-ssm's fused add + RMSNorm; the
 GEMV's input rounded to the activation dtype; conv and SSM in float32), so the two agree
-to accumulation order. `fusable(model, batch, device)` says when this step applies;
+to accumulation order. INT8 weight-only linears (platform/post/quantize.py) run in the same
+GEMV, the int8 codes converted in registers and the row's scale applied to the sum.
+`fusable(model, batch, device)` says when this step applies;
 `HybridLM.fused_decode = False` turns it off (the benchmark compares both).
 """
 from __future__ import annotations
@@ -93,8 +95,8 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, out_ptr, aux_ptr, res_out_ptr, nw_ptr, conv_w_ptr, conv_b_ptr, conv_ptr,
-                     N, stride_wn, eps, conv_lo,
-                     K: tl.constexpr, GROUP: tl.constexpr, PROLOGUE: tl.constexpr,
+                     scale_ptr, N, stride_wn, eps, conv_lo,
+                     K: tl.constexpr, GROUP: tl.constexpr, PROLOGUE: tl.constexpr, HAS_SCALE: tl.constexpr,
                      CONV_DIM: tl.constexpr, WC: tl.constexpr, BLOCK_W: tl.constexpr, CONV_BIAS: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
         pid = tl.program_id(0)
@@ -133,7 +135,10 @@ if triton is not None:
                     kmask = k0 + cols < GROUP
                     w = tl.load(w_rows + k[None, :], mask=row_mask[:, None] & kmask[None, :], other=0.0)
                     acc += w.to(tl.float32) * _prologue(x_ptr, aux_ptr, nw_ptr, k, kmask, rstd, PROLOGUE, K)[None, :]
-        y = tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty)
+        y = tl.sum(acc, axis=1)
+        if HAS_SCALE:  # INT8 weight-only: int8 codes times a scale per output row
+            y = y * tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+        y = y.to(out_ptr.dtype.element_ty)
         if CONV_DIM > 0:  # rows [conv_lo, conv_lo + CONV_DIM) are conv channels: slide the window
             c = rows - conv_lo
             is_conv = row_mask & (c >= 0) & (c < CONV_DIM)
@@ -201,9 +206,11 @@ def gemv_config(n: int, k: int) -> tuple[int, int, int]:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, prologue: int = PLAIN, aux: torch.Tensor | None = None,
-         norm: nn.Module | None = None, conv: tuple | None = None, pdl: bool = False):
+         norm: nn.Module | None = None, conv: tuple | None = None, pdl: bool = False,
+         scale: torch.Tensor | None = None):
     """x (1, K) (or (1, 2K) for SILU_MUL) @ weight (N, K).T with `prologue` applied to x ->
-    (out (1, N), the residual sum (1, K) for ADD_RMSNORM else None).
+    (out (1, N), the residual sum (1, K) for ADD_RMSNORM else None). An int8 weight comes
+    with its `scale` (N,) (INT8 weight-only, platform/post/quantize.py's Int8Linear).
 
     aux: the residual (ADD_RMSNORM) or the gate z (GATED_RMSNORM; its first K values);
     norm: the RMSNorm / GatedRMSNorm module whose weight, eps (and group) apply;
@@ -232,9 +239,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, prologue: int = PLAIN, aux: torc
     launch = {"launch_pdl": True} if pdl else {}
     _gemv_kernel[(triton.cdiv(N, block_n),)](
         x, weight, out, x if aux is None else aux, out if res_out is None else res_out,
-        weight if norm is None else norm.weight, *conv_args, N, weight.stride(0),
+        weight if norm is None else norm.weight, *conv_args, weight if scale is None else scale, N, weight.stride(0),
         0.0 if norm is None else norm.eps, conv_lo,
-        K=K, GROUP=group, PROLOGUE=prologue, CONV_DIM=conv_dim, WC=wc,
+        K=K, GROUP=group, PROLOGUE=prologue, HAS_SCALE=scale is not None, CONV_DIM=conv_dim, WC=wc,
         BLOCK_W=triton.next_power_of_2(wc), CONV_BIAS=has_bias, BLOCK_N=block_n, BLOCK_K=block_k,
         USE_PDL=pdl, num_warps=warps, **launch)
     return out, res_out
@@ -260,6 +267,28 @@ def _pow2(n: int) -> bool:
     return n & (n - 1) == 0
 
 
+def weight_of(linear) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight, scale or None) of a bias-free linear the fused GEMV reads: nn.Linear, or
+    INT8 weight-only (int8 `weight`, a `scale` per row: Int8Linear); None otherwise (LoRA,
+    INT4, float8, a bias). A `PackedLinears` group gives its packed weight."""
+    if hasattr(linear, "packed"):  # a PackedLinears group (q|k|v, gate|up)
+        weight = linear.packed()
+        linear = linear.module if linear.module is not None else None
+        if weight is None:
+            return None
+        if linear is None:
+            return weight, None
+    if getattr(linear, "bias", None) is not None:
+        return None
+    if type(linear) is nn.Linear:
+        return linear.weight, None
+    weight, scale = getattr(linear, "weight", None), getattr(linear, "scale", None)
+    if (isinstance(weight, torch.Tensor) and weight.dtype == torch.int8 and isinstance(scale, torch.Tensor)
+            and scale.shape == weight.shape[:1] and not hasattr(linear, "zero")):
+        return weight, scale
+    return None
+
+
 def fusable(model, batch: int, device: torch.device) -> bool:
     """Whether `decode_step` applies: one row on a CUDA device with Triton (or the CPU under
     TRITON_INTERPRET, for tests), `model.fused_decode` on, one dtype throughout and no
@@ -273,19 +302,19 @@ def fusable(model, batch: int, device: torch.device) -> bool:
         return False
 
     def plain(*linears) -> bool:
-        return all(type(m) is nn.Linear and m.bias is None and m.weight.dtype == dtype for m in linears)
+        found = [weight_of(m) for m in linears]
+        return all(f is not None and f[0].dtype in (dtype, torch.int8) and (f[1] is None or f[1].dtype == dtype)
+                   for f in found)
 
     for block in model.layers:
         mixer, mlp = block.mixer, block.feed_forward
-        gate_up = mlp.gate_up.packed()
-        if not (block.input_layernorm.use_kernel and gate_up is not None and gate_up.dtype == dtype
-                and plain(mlp.down_proj)):
+        if not (block.input_layernorm.use_kernel and plain(mlp.gate_up, mlp.down_proj)):
             return False
         if isinstance(mixer, Mamba2Mixer):
             if not (mixer.path(device) == "kernel" and plain(mixer.in_proj, mixer.out_proj)
                     and _pow2(mixer.d_state) and _pow2(mixer.head_dim)):
                 return False
-        elif not (isinstance(mixer, Attention) and mixer.qkv.packed() is not None and plain(mixer.o_proj)
+        elif not (isinstance(mixer, Attention) and plain(mixer.qkv, mixer.o_proj)
                   and mixer.use_kernel and decode_attention_supported(mixer.head_dim,
                                                                       mixer.n_heads // mixer.n_kv_heads)):
             return False
@@ -299,25 +328,29 @@ def decode_step(model, input_ids: torch.Tensor, cache, pdl: bool | None = None) 
     if pdl is None:
         pdl = pdl_supported(input_ids.device)
     x, residual = model.embed_tokens(input_ids)[0], None  # (1, hidden)
+
+    def matmul(x, linear, *args, **kw):
+        weight, scale = weight_of(linear)
+        return gemv(x, weight, *args, pdl=pdl, scale=scale, **kw)
+
     for block, state in zip(model.layers, cache.layers):
         mixer, norm1, h = block.mixer, block.input_layernorm, x
         prologue = RMSNORM if residual is None else ADD_RMSNORM
         if isinstance(mixer, Mamba2Mixer):
-            zxbcdt, res = gemv(x, mixer.in_proj.weight, prologue, residual, norm1,
-                               conv=(mixer, state, mixer.d_inner), pdl=pdl)
+            zxbcdt, res = matmul(x, mixer.in_proj, prologue, residual, norm1, conv=(mixer, state, mixer.d_inner))
             y = ssm_step(zxbcdt, mixer, state, pdl)
-            x, _ = gemv(y, mixer.out_proj.weight, GATED_RMSNORM, zxbcdt, mixer.norm, pdl=pdl)
+            x, _ = matmul(y, mixer.out_proj, GATED_RMSNORM, zxbcdt, mixer.norm)
         else:
-            qkv, res = gemv(x, mixer.qkv.packed(), prologue, residual, norm1, pdl=pdl)
+            qkv, res = matmul(x, mixer.qkv, prologue, residual, norm1)
             q = rope_cache_update(qkv, state.rope, state.offset, state.k, state.v, mixer.n_heads, mixer.head_dim,
                                   pdl=pdl)
             q = q.view(1, mixer.n_kv_heads, mixer.n_heads // mixer.n_kv_heads, mixer.head_dim)
             out = decode_attention(q, state.k, state.v, state.offset, pdl=pdl)
-            x, _ = gemv(out.view(1, -1), mixer.o_proj.weight, pdl=pdl)
+            x, _ = matmul(out.view(1, -1), mixer.o_proj)
         residual = h if res is None else res  # first layer: the embedding is the residual stream
         norm2, mlp = block.pre_ff_layernorm, block.feed_forward
-        gate_up, residual = gemv(x, mlp.gate_up.packed(), ADD_RMSNORM, residual, norm2, pdl=pdl)
-        x, _ = gemv(gate_up, mlp.down_proj.weight, SILU_MUL, pdl=pdl)
+        gate_up, residual = matmul(x, mlp.gate_up, ADD_RMSNORM, residual, norm2)
+        x, _ = matmul(gate_up, mlp.down_proj, SILU_MUL)
     logits, _ = gemv(x, model.lm_head.weight, ADD_RMSNORM, residual, model.final_norm, pdl=pdl)
     cache.advance(1)
     return logits[:, None]

@@ -104,3 +104,27 @@ def test_graph_decoding_takes_the_fused_step_and_agrees_with_the_layer_by_layer_
     layerwise = model.generate(prompt, max_new_tokens=24, temperature=0, cuda_graphs=True)
     assert not any(d.fused for d in generation._GRAPH_DECODERS[model].values() if d.key[4] is False)
     assert (fused[:, :16] == layerwise[:, :16]).all()  # bf16: argmax ties may differ later
+
+
+@torch.no_grad()
+def test_fused_step_runs_int8_weight_only_linears():
+    """INT8 weight-only models (platform/post/quantize.py) take the same GEMV: int8 codes
+    times a scale per row; against the model's own INT8 step (bf16-level tolerance: that
+    one rounds its input to bf16 first)."""
+    from mamba_slm.platform.post.quantize import QuantConfig, quantize_model
+
+    model = quantize_model(_model(), QuantConfig(bits=8))
+    model.pack_for_decoding()
+    assert fused_decode.weight_of(model.layers[0].mixer.in_proj)[0].dtype == torch.int8
+    assert fused_decode.weight_of(model.layers[1].mixer.qkv)[1] is not None  # packed INT8 q|k|v
+    pdl = fused_decode.pdl_supported(torch.device(DEVICE))
+    prompt = torch.randint(0, 512, (1, 5), device=DEVICE)
+    fused, ref = model.new_cache(1, 16), model.new_cache(1, 16)
+    model(prompt, cache=fused), model(prompt, cache=ref)
+    tok = prompt[:, -1:]
+    for step in range(4):
+        got = fused_decode.decode_step(model, tok, fused, pdl=pdl)
+        want = model(tok, cache=ref).logits
+        torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2,
+                                   msg=lambda m, s=step: f"step {s}: {m}")
+        tok = want[:, -1].argmax(-1, keepdim=True)
