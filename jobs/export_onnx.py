@@ -7,11 +7,14 @@ The graph maps input_ids (batch, seq) int64 to logits (batch, seq, vocab) float3
 1 (or dynamic with --dynamic-batch, a ~3x slower export), seq is dynamic in multiples of the model's Mamba-2 chunk size (pad on the right;
 `mamba_slm.platform.post.onnx_export.OnnxLM` does it for you). Decoding with the Mamba-2 /
 KV state is not exported: see the module docstring of mamba_slm.platform.post.onnx_export.
-The tokenizer.json is copied beside the .onnx file.
+The tokenizer.json is copied beside the .onnx file. Nothing is overwritten: an existing
+--output (or its .data file of external weights), or a different tokenizer.json in its
+folder, is refused before the export starts.
 """
 from __future__ import annotations
 
 import argparse
+import filecmp
 import shutil
 import sys
 from pathlib import Path
@@ -26,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python jobs/export_onnx.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, type=Path, help="float model directory (save_pretrained)")
-    p.add_argument("--output", required=True, type=Path, help="the .onnx file to write")
+    p.add_argument("--output", required=True, type=Path, help="the .onnx file to write (must not exist)")
     p.add_argument("--dynamic-batch", action="store_true",
                    help="export a dynamic batch dimension (default: batch 1; export takes ~3x longer)")
     p.add_argument("--max-chunks", type=int,
@@ -38,6 +41,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_output(output: Path, tokenizer: Path) -> str | None:
+    """Why writing `output` and copying `tokenizer` beside it would destroy a file, or None."""
+    # export_onnx saves weights over 2 GB beside the graph as <name>.data (onnxscript's naming)
+    for path in (output, output.with_name(output.name + ".data")):
+        if path.exists() or path.is_symlink():
+            return f"--output: {path} exists; remove it or choose another path"
+    if output.parent.exists() and not output.parent.is_dir():
+        return f"--output: {output.parent} is a file, not a folder; choose another path"
+    dest = output.parent / TOKENIZER_FILE
+    # (a --checkpoint without a tokenizer.json is refused by load_model_dir, saying what it needs)
+    if tokenizer.is_file() and dest.exists() and not (dest.is_file() and filecmp.cmp(dest, tokenizer, shallow=False)):
+        return (f"--output: {dest} exists and differs from {tokenizer}, which would replace it; "
+                f"choose another folder or remove it")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -45,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--output {args.output}: give a file name ending in .onnx")
     if args.max_chunks is not None and args.max_chunks < 1:
         parser.error(f"--max-chunks {args.max_chunks} must be positive")
+    if problem := check_output(args.output, args.checkpoint / TOKENIZER_FILE):
+        parser.error(problem)
     # torch.onnx's exporter needs onnx and onnxscript; the check runs the file in onnxruntime
     if msg := missing_extra("post", ("onnx", "onnxscript") + (("onnxruntime",) if args.check else ()),
                             what="the ONNX export" + (" with its onnxruntime check" if args.check else "")):
@@ -57,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         export_onnx(loaded.model, args.output, dynamic_batch=args.dynamic_batch, max_chunks=args.max_chunks)
     except ValueError as exc:
         parser.error(str(exc))
-    shutil.copyfile(args.checkpoint / TOKENIZER_FILE, args.output.parent / TOKENIZER_FILE)
+    tokenizer, dest = args.checkpoint / TOKENIZER_FILE, args.output.parent / TOKENIZER_FILE
+    if not dest.exists():  # else the same file or a copy (check_output): --output in the model directory, say
+        shutil.copyfile(tokenizer, dest)
     print(f"wrote {args.output} ({args.output.stat().st_size / 2**20:.2f} MiB)")
     if not args.check:
         return 0

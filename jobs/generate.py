@@ -29,14 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", "--repetition_penalty", type=float, default=1.1)
     p.add_argument("--num-samples", "--num_samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto (default): the GPU when there is one, else the CPU; INT4 models run on the CPU")
     return p
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def find_tokenizer(checkpoint: Path) -> Path | None:
@@ -57,10 +52,17 @@ def find_tokenizer(checkpoint: Path) -> Path | None:
 
 
 def eos_id_of(checkpoint: Path, tokenizer) -> int | None:
-    for cfg in (checkpoint / "config.json", checkpoint / "model" / "config.json"):
-        if cfg.is_file() and json.loads(cfg.read_text()).get("eos_id") is not None:
-            return int(json.loads(cfg.read_text())["eos_id"])
-    return tokenizer.token_to_id("<|endoftext|>")
+    """config.json's eos_id, else the tokenizer's end-of-text token as jobs/serve.py and
+    jobs/evaluate.py find it (`<|endoftext|>`, `</s>`, ...); None: none, generation runs to
+    --max-new-tokens."""
+    from mamba_slm.platform.evaluate.checkpoint import CheckpointError, find_eos
+
+    configs = [c for c in (checkpoint / "config.json", checkpoint / "model" / "config.json") if c.is_file()]
+    metadata = json.loads(configs[0].read_text()) if configs else None
+    try:
+        return find_eos(tokenizer, metadata)[0]
+    except CheckpointError:
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,18 +85,32 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from tokenizers import Tokenizer
 
+    from mamba_slm.platform.post.quantize import cpu_only
     from mamba_slm.platform.train.checkpoint import load_model
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible here; use --device cpu")
     try:
-        model = load_model(checkpoint, device=args.device)
+        tokenizer = Tokenizer.from_file(str(tok_path))
+    except Exception as err:  # tokenizers raises a bare Exception for a file it cannot read
+        parser.error(f"{tok_path} is not a tokenizer.json (tokenizers says: {err}); pass the one the model "
+                     f"was trained with as --tokenizer PATH")
+    try:
+        model = load_model(checkpoint, device="cpu" if args.device == "auto" else args.device)
     except (FileNotFoundError, ValueError) as err:  # ValueError: e.g. an INT4 model asked onto a GPU
         parser.error(str(err))
-    tokenizer = Tokenizer.from_file(str(tok_path))
+    if tokenizer.get_vocab_size() > model.config.padded_vocab_size:
+        parser.error(f"{tok_path} has {tokenizer.get_vocab_size()} tokens but the model only "
+                     f"{model.config.padded_vocab_size} embeddings: pass the model's own tokenizer as --tokenizer")
+    device = args.device
+    if device == "auto":  # an INT4 model runs on the CPU even where there is a GPU
+        device = "cuda" if torch.cuda.is_available() and not cpu_only(model) else "cpu"
+        model.to(device)
     ids = tokenizer.encode(args.prompt).ids
     if not ids:
         parser.error("--prompt encodes to no tokens")
-    generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    prompt = torch.tensor([ids] * args.num_samples, device=args.device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    prompt = torch.tensor([ids] * args.num_samples, device=device)
     out = model.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                          eos_id=eos_id_of(checkpoint, tokenizer), generator=generator)

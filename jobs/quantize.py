@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.output.exists() and not args.output.is_dir():
+        parser.error(f"--output {args.output} is a file, not a directory: pass a new directory")
     if args.output.exists() and any(args.output.iterdir()):
         parser.error(f"--output {args.output} exists and is not empty: pass a new directory")
     try:

@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: the GPU when there is one (bf16, CUDA-graph decoding; INT8 models too), "
                         "else the CPU; INT4 models run on the CPU")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--max-context", type=int,
+                   help="most tokens a request may use, prompt + max_new_tokens (default: the model's "
+                        "max_seq_len; more only for a model that runs past it, e.g. with rope_scaling)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 
@@ -40,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--port {args.port}: give a TCP port in 1-65535")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads {args.threads} must be positive")
+    if args.max_context is not None and args.max_context < 2:
+        parser.error(f"--max-context {args.max_context}: give at least 2 tokens (a prompt and one new token)")
     from mamba_slm.platform.extras import missing_extra
 
     if msg := missing_extra("post", ("fastapi", "uvicorn"), what="serving"):
@@ -64,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         place(loaded, device)
     except ValueError as exc:
         parser.error(f"--checkpoint: {exc}")
-    uvicorn.run(create_app(loaded), host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(create_app(loaded, args.max_context), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 

@@ -2,8 +2,11 @@
 lengths (one attention and one Mamba-2 layer; export time grows with depth)."""
 from __future__ import annotations
 
+import importlib.util
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -52,3 +55,50 @@ def test_export_refuses_quantized(tiny_model_dir, tmp_path):
     model = quantize_model(load_pretrained(tiny_model_dir), QuantConfig(bits=8))
     with pytest.raises(ValueError, match="quantized"):
         export_onnx(model, tmp_path / "q.onnx")
+
+
+def load_job(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_job", Path(__file__).parents[3] / "jobs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_job(job, argv: list[str], capsys) -> tuple[int, str]:
+    try:
+        code = job.main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("existing, needle", [
+    ("model.onnx", "model.onnx exists; remove it or choose another path"),
+    ("model.onnx.data", "model.onnx.data exists; remove it or choose another path"),  # external weights
+    ("tokenizer.json", "tokenizer.json exists and differs from"),
+])
+def test_export_job_overwrites_nothing(tiny_model_dir, tmp_path, capsys, existing, needle):
+    """An existing file in the way is exit 2 before the export, and is left as it was."""
+    (tmp_path / existing).write_text("keep me")
+    code, err = run_job(load_job("export_onnx"),
+                        ["--checkpoint", str(tiny_model_dir), "--output", str(tmp_path / "model.onnx")], capsys)
+    assert code == 2 and needle in err, err
+    assert (tmp_path / existing).read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [existing]
+
+
+def test_export_job_into_the_model_directory(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """--output beside the model's own tokenizer.json: the export lands and the tokenizer is
+    left in place (copying it onto itself was a SameFileError after the export). The export
+    itself is stubbed: the copy after it is under test (test_export_job_matches_pytorch
+    runs the real one)."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    tokenizer = (model_dir / "tokenizer.json").read_bytes()
+    job = load_job("export_onnx")
+    monkeypatch.setattr(job, "export_onnx", lambda model, path, **kwargs: Path(path).write_bytes(b"graph"))
+    code, err = run_job(job, ["--checkpoint", str(model_dir), "--output", str(model_dir / "model.onnx"), "--no-check"],
+                        capsys)
+    assert code == 0, err
+    assert (model_dir / "model.onnx").read_bytes() == b"graph"
+    assert (model_dir / "tokenizer.json").read_bytes() == tokenizer

@@ -2,6 +2,9 @@
 round-trips, and the model's loss moves little."""
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -132,3 +135,18 @@ def test_int8_projections_pack_for_decoding():
         assert torch.equal(model.generate(ids, max_new_tokens=12, temperature=0), want)
         mlp.gate_proj.scale = mlp.gate_proj.scale * 2  # a member's scale replaced: the packing lapses
         assert mlp.gate_up.packed() is None and mlp.gate_up(ids.float()) is None
+
+
+def test_quantize_job_output_that_is_a_file_is_exit_2(tiny_model_dir, tmp_path, capsys):
+    """--output naming an existing file: exit 2 with the way out, the file untouched (it was
+    a NotADirectoryError traceback)."""
+    spec = importlib.util.spec_from_file_location("quantize_job", Path(__file__).parents[3] / "jobs" / "quantize.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    out = tmp_path / "notes.txt"
+    out.write_text("keep me")
+    with pytest.raises(SystemExit) as exc:
+        job.main(["--checkpoint", str(tiny_model_dir), "--output", str(out)])
+    assert exc.value.code == 2
+    assert "notes.txt is a file, not a directory: pass a new directory" in capsys.readouterr().err
+    assert out.read_text() == "keep me"

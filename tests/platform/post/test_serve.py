@@ -1,13 +1,18 @@
 """The HTTP endpoint, as a real `jobs/serve.py` process on 127.0.0.1 spoken to by httpx:
 greedy output equals `model.generate`, streamed events arrive one per token and add up
-to the same text, chat messages use the template, bad requests get 422."""
+to the same text, chat messages use the template, bad requests get 422, and a client
+that leaves a stream frees the model for the next request."""
 from __future__ import annotations
 
+import dataclasses
+import gc
 import json
 import socket
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -78,9 +83,26 @@ def test_greedy_matches_model_generate_and_stream_adds_up(server, tiny_model_dir
 
     events = read_events(server, {**body, "stream": True})
     tokens, done = events[:-1], events[-1]
-    assert done == {"done": True, "finish_reason": full["finish_reason"], "completion_tokens": len(expected)}
+    assert done == {"done": True, "text": done["text"], "finish_reason": full["finish_reason"],
+                    "completion_tokens": len(expected)}
     assert [e["token_id"] for e in tokens] == expected  # one event per token, in order
-    assert "".join(e["text"] for e in tokens) == full["text"]
+    assert "".join(e["text"] for e in events) == full["text"]
+
+
+def test_stream_ending_inside_a_character_sends_its_tail(server, tiny_model_dir):
+    """A generation that stops in the middle of a multi-byte character: the token events
+    held that text back, and the done event carries it (the stream lost it before)."""
+    loaded = load_model_dir(tiny_model_dir)
+    ids = loaded.tokenizer.encode("hello").ids
+    greedy = loaded.model.generate(torch.tensor([ids]), max_new_tokens=40, temperature=0.0,
+                                   eos_id=loaded.eos_id)[0, len(ids):].tolist()
+    cut = next(n for n in range(1, len(greedy) + 1) if loaded.tokenizer.decode(greedy[:n]).endswith("\ufffd"))
+    body = {"prompt": "hello", "max_new_tokens": cut, "temperature": 0}
+    full = httpx.post(f"{server}/generate", json=body, timeout=60).json()
+    events = read_events(server, {**body, "stream": True})
+    assert full["token_ids"] == greedy[:cut] and full["text"].endswith("\ufffd")
+    assert events[-1]["done"] and events[-1]["text"].endswith("\ufffd")
+    assert "".join(e["text"] for e in events) == full["text"]
 
 
 def test_sampling_is_seeded_and_chat_uses_template(server, tiny_model_dir):
@@ -93,13 +115,113 @@ def test_sampling_is_seeded_and_chat_uses_template(server, tiny_model_dir):
     assert a["prompt_tokens"] == len(prompt_ids(loaded.tokenizer, body["messages"], loaded.eos_id))
 
 
-@pytest.mark.parametrize("body", [{"prompt": "x", "messages": [{"role": "user", "content": "y"}]},
-                                  {"max_new_tokens": 4},
-                                  {"prompt": "x", "temperature": -1},
-                                  {"messages": [{"role": "robot", "content": "y"}]}])
-def test_bad_requests_are_422(server, body):
-    resp = httpx.post(f"{server}/generate", json=body, timeout=30)
+@pytest.mark.parametrize("body, needle", [
+    ({"prompt": "x", "messages": [{"role": "user", "content": "y"}]}, "exactly one of 'prompt'"),
+    ({"max_new_tokens": 4}, "exactly one of 'prompt'"),
+    ({"prompt": "x", "temperature": -1}, "temperature"),
+    ({"messages": [{"role": "robot", "content": "y"}]}, "message 0 must be"),
+    # misspelt fields are named, not silently replaced by the defaults
+    ({"prompt": "x", "max_tokens": 5, "temp": 0}, "max_tokens"),
+    ({"prompt": "x", "top-k": 1}, "top-k"),
+    ({"messages": [{"role": "user", "content": "y", "name": "z"}]}, "name"),
+    # Python's json reads NaN and Infinity; they were a 500, or random text at Infinity
+    ('{"prompt": "x", "temperature": NaN}', "finite number"),
+    ('{"prompt": "x", "temperature": Infinity}', "finite number"),
+    ('{"prompt": "x", "top_p": NaN}', "finite number"),
+    ('{"prompt": "x", "repetition_penalty": -Infinity}', "finite number"),
+    ('{"prompt": "x", "extra": [NaN]}', "extra"),
+    # numbers torch cannot use were a 500
+    ({"prompt": "x", "seed": 2**70}, "seed"),
+    ({"prompt": "x", "seed": -1}, "seed"),
+    ({"prompt": "x", "temperature": 1e-40}, "give 0 for greedy decoding"),
+    ({"prompt": "x", "top_p": 1e-300}, "top_p"),
+    ({"prompt": "x", "repetition_penalty": 1e-300}, "repetition_penalty"),
+    # the decoding cache is sized prompt + max_new_tokens: 10**7 allocated gigabytes
+    ({"prompt": "x", "max_new_tokens": 10**7}, "exceed the model's context of 256 tokens; ask for at most"),
+    ({"prompt": "ROMEO: " * 300, "max_new_tokens": 1}, "leaves no room in the model's context of 256"),
+])
+def test_bad_requests_are_422(server, body, needle):
+    if isinstance(body, str):
+        resp = httpx.post(f"{server}/generate", content=body, headers={"content-type": "application/json"},
+                          timeout=30)
+    else:
+        resp = httpx.post(f"{server}/generate", json=body, timeout=30)
     assert resp.status_code == 422, resp.text
+    assert needle in resp.text, resp.text
+
+
+def test_context_bounds_max_new_tokens(server, tiny_model_dir):
+    """prompt + max_new_tokens fit the model's context (256); the default 64 shrinks to the
+    room a long prompt leaves."""
+    tokenizer = load_model_dir(tiny_model_dir).tokenizer
+    prompt = next(p for p in ("ROMEO: " * k for k in range(100, 0, -1)) if len(tokenizer.encode(p).ids) < 230)
+    n = len(tokenizer.encode(prompt).ids)
+    assert 256 - 64 < n < 256
+    assert httpx.get(f"{server}/health").json()["max_context"] == 256
+    out = httpx.post(f"{server}/generate", json={"prompt": prompt, "temperature": 0}, timeout=60).json()
+    assert out["prompt_tokens"] == n and len(out["token_ids"]) <= 256 - n
+    exact = httpx.post(f"{server}/generate", json={"prompt": prompt, "max_new_tokens": 256 - n}, timeout=60)
+    assert exact.status_code == 200
+    over = httpx.post(f"{server}/generate", json={"prompt": prompt, "max_new_tokens": 257 - n}, timeout=60)
+    assert over.status_code == 422 and f"at most {256 - n} new tokens" in over.text
+
+
+def test_max_context_flag_is_checked(repo_root, tiny_model_dir):
+    proc = subprocess.run([sys.executable, "jobs/serve.py", "--checkpoint", str(tiny_model_dir), "--max-context", "1"],
+                          cwd=repo_root, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--max-context 1: give at least 2 tokens" in proc.stderr, proc.stderr
+
+
+@contextmanager
+def serving_in_thread(app):
+    """uvicorn in a thread of this process, so the test controls the garbage collector."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert thread.is_alive() and time.time() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_client_leaving_a_stream_frees_the_model(tiny_model_dir):
+    """A streaming client that disconnects early: its generation stops and the model lock is
+    released, so the next request runs. The stream's generator used to keep the lock until
+    the garbage collector happened to break a reference cycle (never, on an idle server),
+    and every later request hung; the collector is off here to make that deterministic."""
+    from mamba_slm.platform.post.serve import create_app
+
+    # No EOS (id -1) and a context past the trained one: a stream far longer than the test.
+    loaded = dataclasses.replace(load_model_dir(tiny_model_dir), eos_id=-1)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with serving_in_thread(create_app(loaded, max_context=8192)) as url:
+            body = {"prompt": "ROMEO:", "max_new_tokens": 8000, "temperature": 0, "stream": True}
+            with httpx.Client(timeout=30) as client, client.stream("POST", f"{url}/generate", json=body) as resp:
+                assert resp.status_code == 200
+                events = []
+                for line in resp.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(json.loads(line[len("data: "):]))
+                    if len(events) == 3:
+                        break  # leave: the connection closes with the 8000-token stream unfinished
+            assert len(events) == 3 and not any("done" in e for e in events)
+            # without the fix: httpx.ReadTimeout, the request waiting on the lock for ever
+            resp = httpx.post(f"{url}/generate", json={"prompt": "ROMEO:", "max_new_tokens": 4}, timeout=10)
+            assert resp.status_code == 200 and len(resp.json()["token_ids"]) == 4
+    finally:
+        if gc_was_enabled:
+            gc.enable()
 
 
 def test_place_keeps_int4_on_the_cpu(tiny_model_dir, tmp_path):
