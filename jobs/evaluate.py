@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batches", type=int, help="cap on --perplexity batches (default: the whole split)")
     p.add_argument("--output", type=Path, help="write lm-eval's results (+ table, perplexity) as JSON here")
     p.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: the one in --checkpoint)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="autocast dtype for the forward passes (GPU); weights stay fp32")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default %(default)s)")
@@ -60,7 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--perplexity {args.perplexity} has no manifest.json: give a jobs/curate.py output dir")
 
     from mamba_slm.platform.evaluate import benchmarks as bm
-    from mamba_slm.platform.evaluate.checkpoint import CheckpointError, load_checkpoint
+    from mamba_slm.platform.evaluate.checkpoint import CheckpointError, load_checkpoint, resolve_device
+
+    try:
+        device = resolve_device(args.device)
+    except ValueError as exc:
+        parser.error(f"--device: {exc}")
 
     chosen, skipped = [], {}
     if args.benchmarks:
@@ -82,27 +87,27 @@ def main(argv: list[str] | None = None) -> int:
         if msg := missing_extra("eval", what="--benchmarks (lm-eval runs them)"):
             parser.error(msg)
 
-    device = args.device
     loaded = None
 
     def load():
         nonlocal loaded
         if loaded is None:
-            import torch
-            loaded = load_checkpoint(args.checkpoint, device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
-                                     tokenizer_file=args.tokenizer)
+            loaded = load_checkpoint(args.checkpoint, device=device, tokenizer_file=args.tokenizer)
         return loaded
 
     report: dict = {"checkpoint": str(args.checkpoint)}
     results = None
     try:
+        if args.perplexity:  # before the benchmarks: their results must not be lost to a data mismatch
+            from mamba_slm.platform.evaluate.perplexity import check_vocabulary, perplexity
+            check_vocabulary(args.perplexity, load().model.config.vocab_size, load().tokenizer,
+                             model_name=str(args.checkpoint))
         if to_run:
             from mamba_slm.platform.evaluate.lm import MambaSlmLM
             results = bm.run(lambda: MambaSlmLM(loaded=load(), batch_size=args.batch_size, dtype=args.dtype),
                              to_run, num_fewshot=args.num_fewshot, limit=args.limit,
                              allow_code_execution=args.allow_code_execution, bootstrap_iters=args.bootstrap_iters)
         if args.perplexity:
-            from mamba_slm.platform.evaluate import perplexity
             report["perplexity"] = {"data": str(args.perplexity), "split": args.split,
                                     **perplexity(load().model, args.perplexity, split=args.split,
                                                  max_batches=args.max_batches, batch_size=args.batch_size)}

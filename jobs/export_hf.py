@@ -10,7 +10,8 @@ full config under "mamba_slm_config"), model.safetensors and the tokenizer files
 loads it with no custom code. Before writing, the Bamba model's logits are compared with
 this project's on random tokens (CPU, fp32) and the export is refused above 1e-4.
 Configurations Bamba cannot express (rotary_fraction != 0.5, rope_scaling other than
-linear, mamba_n_groups > 1) are refused with the field named. Runs on the CPU.
+linear, a layer_pattern without attention layers) are refused with the field named, and
+a refused or failed export leaves nothing behind. Runs on the CPU.
 """
 from __future__ import annotations
 

@@ -37,6 +37,13 @@ class UnsupportedConversion(ValueError):
 
 
 def _check_exportable(cfg: ModelConfig) -> None:
+    if ATTENTION not in cfg.layer_pattern:
+        # transformers' Bamba asks its cache for the sequence length through an attention
+        # layer (HybridMambaAttentionDynamicCache.get_seq_length), even in a plain forward.
+        raise UnsupportedConversion(
+            f"ModelConfig.layer_pattern={cfg.layer_pattern!r} has no attention layer: "
+            f"BambaForCausalLM needs at least one (its forward fails without); export a hybrid "
+            f"model (attn_ratio > 0), or use this project's model directory as it is")
     if ATTENTION in cfg.layer_pattern and cfg.rotary_fraction != BAMBA_PARTIAL_ROTARY_FACTOR:
         raise UnsupportedConversion(
             f"ModelConfig.rotary_fraction={cfg.rotary_fraction}: BambaForCausalLM always rotates "

@@ -59,6 +59,7 @@ class LMOutput:
     logits: torch.Tensor | None
     loss: torch.Tensor | None = None
     cache: InferenceCache | None = None
+    hidden: torch.Tensor | None = None  # the final-normed hidden states, with output_hidden=True
 
 
 class Block(nn.Module):
@@ -172,7 +173,8 @@ class HybridLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, cache: InferenceCache | None = None,
-                return_logits: bool = True, valid_len: torch.Tensor | None = None) -> LMOutput:
+                return_logits: bool = True, valid_len: torch.Tensor | None = None,
+                output_hidden: bool = False) -> LMOutput:
         """input_ids (B, T) -> LMOutput(logits (B, T, V_padded), loss, cache).
 
         With labels and return_logits=False, the loss is computed chunk by chunk and no
@@ -181,6 +183,8 @@ class HybridLM(nn.Module):
         seq_idx (B, T): document index per token (non-decreasing); no information flows
         between documents. labels (B, T): targets aligned with input_ids (already shifted),
         -100 ignored. cache: continue decoding from (and update) an `InferenceCache`.
+        output_hidden: return the final-normed hidden states (B, T, hidden) instead of logits,
+        for callers that project them in chunks (long-context evaluation).
 
         valid_len ((1,) int64 device tensor, with a cache): the rows are right-padded and
         only their first valid_len tokens are real (every row the same): the padding changes
@@ -210,6 +214,8 @@ class HybridLM(nn.Module):
             cache.advance(input_ids.shape[1])
             if valid_len is not None:
                 cache.offset.copy_(cache.offset - input_ids.shape[1] + valid_len)
+        if output_hidden:
+            return LMOutput(logits=None, cache=cache, hidden=h)
         if labels is not None and not return_logits:
             return LMOutput(logits=None, loss=self.chunked_loss(h, labels), cache=cache)
         logits = self.lm_head(h)  # (B, T, V_padded)

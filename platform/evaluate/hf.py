@@ -18,11 +18,11 @@ import torch
 from safetensors.torch import load_file
 
 from mamba_slm.model import HybridLM
-from mamba_slm.model.convert_hf import (from_bamba_config, from_bamba_state_dict, to_bamba_config,
-                                        to_bamba_state_dict)
+from mamba_slm.model.convert_hf import (UnsupportedConversion, from_bamba_config, from_bamba_state_dict,
+                                        to_bamba_config, to_bamba_state_dict)
 from mamba_slm.model.io import TOKENIZER_FILE, save_pretrained
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, LoadedModel, load_checkpoint
 
 # fp32 on CPU: the two implementations differ only in summation order (measured max
 # |diff| ~2e-7 for logits of magnitude ~1 on the tiny preset); 1e-4 leaves room for depth.
@@ -63,8 +63,8 @@ def export_hf(checkpoint: str | Path, output: str | Path, tokenizer_file: str | 
 
     Written to a sibling temporary directory, checked, then renamed into place. The check
     (fp32 exports) reloads the written directory with `AutoModelForCausalLM.from_pretrained`
-    exactly as a user would; other dtypes are checked in memory before the cast."""
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    exactly as a user would; other dtypes are checked in memory before the cast. A refused
+    or failed export removes its temporary directory."""
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"dtype={dtype!r}; expected one of {sorted(EXPORT_DTYPES)}")
     from mamba_slm.platform.post.quantize import is_quantized_dir
@@ -76,6 +76,18 @@ def export_hf(checkpoint: str | Path, output: str | Path, tokenizer_file: str | 
     ours, output = loaded.model, Path(output)
     tmp = output.with_name(output.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        diff = _write_checked(ours, loaded, tmp, output, dtype)
+    finally:  # refused or failed: leave no half-written export behind
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"output": str(output), "max_logit_diff": diff, "atol": LOGITS_ATOL, "dtype": dtype,
+            "attn_layer_indices": ours.config.attn_layer_indices}
+
+
+def _write_checked(ours: HybridLM, loaded: LoadedModel, tmp: Path, output: Path, dtype: str) -> float:
+    """Write the Bamba directory into `tmp`, check its logits, rename it to `output`."""
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
     bamba = build_bamba(ours, loaded.eos_id)
     diff = None
     if dtype != "float32":
@@ -94,8 +106,7 @@ def export_hf(checkpoint: str | Path, output: str | Path, tokenizer_file: str | 
     if output.exists():
         output.rmdir()  # callers pass a new or empty directory
     tmp.rename(output)
-    return {"output": str(output), "max_logit_diff": diff, "atol": LOGITS_ATOL, "dtype": dtype,
-            "attn_layer_indices": ours.config.attn_layer_indices}
+    return diff
 
 
 def _check(diff: float, output: Path) -> float:
@@ -125,7 +136,11 @@ def import_hf(hf_dir: str | Path, output: str | Path) -> Path:
     hf_dir = Path(hf_dir)
     config = json.loads((hf_dir / "config.json").read_text())
     if config.get("model_type") != "bamba":
-        raise ValueError(f"{hf_dir}/config.json has model_type={config.get('model_type')!r}, expected 'bamba'")
+        ours = isinstance(config.get("model"), dict) and "layer_pattern" in config["model"]
+        raise UnsupportedConversion(
+            f"{hf_dir}/config.json has model_type={config.get('model_type')!r}, expected 'bamba': "
+            + ("it is already this project's model directory; use it as it is (export it with "
+               "--checkpoint)" if ours else "give a BambaForCausalLM directory (config.json + safetensors)"))
     tok_file = hf_dir / TOKENIZER_FILE
     vocab = Tokenizer.from_file(str(tok_file)).get_vocab_size() if tok_file.is_file() else None
     cfg = from_bamba_config(config, vocab_size=vocab)

@@ -22,14 +22,10 @@ from tqdm import tqdm
 
 from mamba_slm.model.generation import sample_next
 
-from .checkpoint import LoadedModel, load_checkpoint
+from .checkpoint import LoadedModel, load_checkpoint, resolve_device
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @register_model("mamba-slm")
@@ -53,7 +49,7 @@ class MambaSlmLM(TemplateLM):
         if loaded is None:
             if not pretrained:
                 raise ValueError("mamba-slm needs pretrained=<checkpoint dir>")
-            loaded = load_checkpoint(pretrained, device=device or _default_device(), tokenizer_file=tokenizer)
+            loaded = load_checkpoint(pretrained, device=resolve_device(device), tokenizer_file=tokenizer)
         self.loaded = loaded
         self.model, self.tokenizer = loaded.model.eval(), loaded.tokenizer
         self._device = next(self.model.parameters()).device
@@ -141,7 +137,11 @@ class MambaSlmLM(TemplateLM):
         for i, req in enumerate(requests):
             context, gen_kwargs = req.args
             gen = dict(gen_kwargs or {})
-            max_new = int(gen.pop("max_gen_toks", self.max_gen_toks))
+            # Prompt + continuation fit in max_length and the last prompt token is always
+            # kept: with max_gen_toks >= max_length the slice below would be [-0:] (the
+            # whole prompt, past max_length) or [k:], k = max_gen_toks - max_length (the
+            # prompt minus its first k tokens: nothing of a short one).
+            max_new = max(0, min(int(gen.pop("max_gen_toks", self.max_gen_toks)), self.max_length - 1))
             ids = self.tok_encode(context)[-(self.max_length - max_new):] or [self.eot_token_id]
             prompts.append(ids)
             groups[(len(ids), json.dumps(gen, sort_keys=True, default=str), max_new)].append(i)

@@ -38,6 +38,30 @@ def read_manifest(data_dir: str | Path) -> dict:
     return manifest
 
 
+def check_vocabulary(data_dir: str | Path, vocab_size: int, tokenizer=None, model_name: str = "the model") -> None:
+    """Refuse data tokenized for another model: its manifest's vocab_size must be the
+    model's, and where `tokenizer` (a `tokenizers.Tokenizer`) is given and the data dir
+    holds its own tokenizer, both must map the same strings to the same ids (two BPEs
+    trained on different text can have the same size and still disagree on every id,
+    which gives meaningless numbers rather than an error). Raises ValueError naming both."""
+    data_dir = Path(data_dir)
+    manifest = read_manifest(data_dir)
+    data_vocab = manifest.get("vocab_size")
+    if data_vocab != vocab_size:
+        raise ValueError(f"{data_dir} was tokenized with a {data_vocab}-token vocabulary but {model_name} "
+                         f"has {vocab_size} tokens: evaluate on data curated with the model's tokenizer")
+    tok_file = data_dir / str(manifest.get("tokenizer") or "tokenizer.json")
+    if tokenizer is not None and tok_file.is_file():
+        from tokenizers import Tokenizer
+
+        data_vocab_map = Tokenizer.from_file(str(tok_file)).get_vocab()
+        if data_vocab_map != tokenizer.get_vocab():
+            differ = sum(data_vocab_map.get(t) != i for t, i in tokenizer.get_vocab().items())
+            raise ValueError(f"{data_dir} was tokenized with {tok_file}, which is not {model_name}'s tokenizer "
+                             f"(same size {vocab_size}, but {differ} tokens have other ids): evaluate on data "
+                             f"curated with the model's tokenizer")
+
+
 def iter_rows(data_dir: str | Path, split: str, batch_size: int, rank: int = 0,
               world_size: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (input_ids, doc_ids), each (B, L+1) int64, over this rank's rows of a split."""
@@ -77,6 +101,10 @@ def perplexity(model, data_dir: str | Path, split: str = "val", max_batches: int
     logits excluded). Returns {"loss", "ppl", "tokens", "rows"}."""
     net = _unwrap(model)
     vocab = net.config.vocab_size
+    data_vocab = read_manifest(data_dir).get("vocab_size")
+    if isinstance(data_vocab, int) and data_vocab > vocab:  # its ids would index past the logits
+        raise ValueError(f"{data_dir} was tokenized with a {data_vocab}-token vocabulary but the model has "
+                         f"only {vocab} tokens: evaluate on data curated with the model's tokenizer")
     if device is None:  # a DeepSpeed engine knows its device (parameters may be offloaded)
         device = getattr(model, "device", None) or next(net.parameters()).device
     device = torch.device(device)

@@ -75,6 +75,7 @@ def test_round_trip_config_and_names():
 @pytest.mark.parametrize("kw, field", [
     (dict(rotary_fraction=0.25), "rotary_fraction"),
     (dict(rope_scaling={"type": "ntk", "factor": 2.0}), "rope_scaling"),
+    (dict(attn_ratio=0.0), "layer_pattern='MMMM' has no attention layer"),  # Bamba's forward needs one
 ])
 def test_refuses_what_bamba_cannot_express(kw, field):
     with pytest.raises(UnsupportedConversion, match=field):

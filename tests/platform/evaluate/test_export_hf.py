@@ -3,7 +3,6 @@ import back."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -62,3 +61,29 @@ def test_export_bad_arguments_exit_2(export_job, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         export_job.main(["--checkpoint", str(tmp_path / "missing"), "--output", str(tmp_path / "hf")])
     assert exc.value.code == 2 and "is not a directory" in capsys.readouterr().err
+
+
+def test_export_refuses_all_mamba_pattern_and_leaves_nothing(export_job, fact_models, tmp_path, capsys):
+    model = HybridLM(ModelConfig.from_name("tiny", vocab_size=512, attn_ratio=0.0))
+    assert set(model.config.layer_pattern) == {"M"}
+    src = save_pretrained(model, tmp_path / "model", tokenizer_file=fact_models[0] / "tokenizer.json")
+    rc = export_job.main(["--checkpoint", str(src), "--output", str(tmp_path / "hf")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no attention layer" in err and "Traceback" not in err
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "hf.partial").exists()
+
+
+def test_failed_export_removes_its_partial_directory(fact_models, tmp_path, monkeypatch):
+    from mamba_slm.platform.evaluate import hf
+
+    monkeypatch.setattr(hf, "LOGITS_ATOL", -1.0)  # the check after writing fails
+    with pytest.raises(RuntimeError, match="not writing"):
+        hf.export_hf(fact_models[0], tmp_path / "hf")
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "hf.partial").exists()
+
+
+def test_import_of_a_non_bamba_directory_exits_2(export_job, fact_models, tmp_path, capsys):
+    rc = export_job.main(["--from-hf", str(fact_models[0]), "--output", str(tmp_path / "back")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "expected 'bamba'" in err and "already this project's model directory" in err
+    assert "Traceback" not in err and not (tmp_path / "back").exists()

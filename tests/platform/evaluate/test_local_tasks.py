@@ -94,3 +94,24 @@ def test_generate_until_batches_match_single(fact_models):
     single = MambaSlmLM(loaded=loaded, batch_size=1).generate_until(reqs, disable_tqdm=True)
     assert batched == single
     assert [s.strip() for s in batched] == ["Tokyo", "Madrid", "quack", "white"]
+
+
+@pytest.mark.parametrize("max_gen_toks", [4, 16, 40])
+def test_generate_until_fits_prompt_and_budget_in_max_length(fact_models, max_gen_toks):
+    """A generation budget at or past max_length keeps the prompt's last tokens (never
+    none, never all of a prompt that overflows) and caps the budget to what fits."""
+    from lm_eval.api.instance import Instance
+    from mamba_slm.platform.evaluate.lm import MambaSlmLM
+    lm = MambaSlmLM(loaded=load_checkpoint(fact_models[0]), max_length=16)
+    context = "The capital of Japan is Tokyo. The capital of Spain is Madrid. The capital of Italy is"
+    enc = lm.tok_encode(context)
+    assert len(enc) > 16
+    seen = []
+    generate = lm._generate
+    lm._generate = lambda prompts, gen, max_new: seen.append((prompts[0], max_new)) or generate(prompts, gen, max_new)
+    gen = {"until": ["."], "max_gen_toks": max_gen_toks}
+    req = Instance(request_type="generate_until", doc={}, arguments=(context, gen), idx=0)
+    assert isinstance(lm.generate_until([req], disable_tqdm=True)[0], str)
+    prompt, max_new = seen[0]
+    assert max_new == min(max_gen_toks, 15) and len(prompt) + max_new == 16
+    assert prompt == enc[-len(prompt):]

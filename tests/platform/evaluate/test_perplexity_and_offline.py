@@ -127,3 +127,48 @@ def test_perplexity_of_a_zero3_engine_with_unequal_rows_per_rank(spawn_ranks, tm
     expected = perplexity(model, data, split="val", batch_size=2)
     assert results[0][0]["loss"] == pytest.approx(expected["loss"], rel=1e-5)
     assert results[0][0]["tokens"] == expected["tokens"] == 5 * 32
+
+
+def test_job_perplexity_refuses_data_of_another_tokenizer(evaluate_job, fact_models, fact_texts, tmp_path, capsys):
+    """Another vocabulary size is refused (it was an IndexError), and so is a tokenizer of
+    the same size that gives other ids (it gave meaningless numbers), both naming the two."""
+    trained = fact_models[0]
+    vocab = load_pretrained(trained).config.vocab_size
+    data, _, _ = write_curated(tmp_path / "data", trained / "tokenizer.json", fact_texts, 0)
+    manifest = json.loads((data / "manifest.json").read_text())
+    (data / "manifest.json").write_text(json.dumps({**manifest, "vocab_size": 8192}))
+    assert evaluate_job.main(["--checkpoint", str(trained), "--perplexity", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert "8192-token vocabulary" in err and f"has {vocab} tokens" in err and "Traceback" not in err
+    with pytest.raises(ValueError, match="8192-token vocabulary"):
+        perplexity(load_pretrained(trained), data)
+
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    tok = json.loads((trained / "tokenizer.json").read_text())
+    swapped = dict(tok["model"]["vocab"])
+    a, b = (t for t, i in swapped.items() if i in (300, 301))  # two merged tokens trade ids
+    swapped[a], swapped[b] = swapped[b], swapped[a]
+    (data / "tokenizer.json").write_text(json.dumps({**tok, "model": {**tok["model"], "vocab": swapped}}))
+    assert evaluate_job.main(["--checkpoint", str(trained), "--perplexity", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert "not " in err and "tokenizer" in err and f"same size {vocab}" in err and "2 tokens" in err
+
+    (data / "tokenizer.json").write_text((trained / "tokenizer.json").read_text())  # the model's own: accepted
+    assert evaluate_job.main(["--checkpoint", str(trained), "--perplexity", str(data)]) == 0
+
+
+def test_job_device_is_checked(evaluate_job, fact_models, monkeypatch, capsys):
+    from mamba_slm.platform.evaluate.checkpoint import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device, message in [("bogus", "not one of cpu, cuda, cuda:N"), ("cuda", "no CUDA GPU")]:
+        with pytest.raises(SystemExit) as exc:
+            evaluate_job.main(["--checkpoint", str(fact_models[0]), "--benchmarks", "local", "--device", device])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and f"--device: device {device!r}" in err and message in err
+    assert resolve_device(None) == "cpu" and resolve_device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device(None) == "cuda" and resolve_device("cuda:1") == "cuda:1"
+    with pytest.raises(ValueError, match="has 2 CUDA GPU"):
+        resolve_device("cuda:2")

@@ -12,7 +12,9 @@ import torch
 
 from mamba_slm.model.layers import rope_inv_freq
 from mamba_slm.platform.post.long_context import (
-    load_long_context, long_document_perplexity, rope_scaling_for, tokenize_documents)
+    _windows, evaluate_long_context, load_long_context, long_document_perplexity, rope_scaling_for,
+    token_losses, tokenize_documents)
+from mamba_slm.platform.post.loading import load_model_dir
 
 
 def test_rope_scaling_for():
@@ -72,7 +74,53 @@ def test_evaluate_long_cli(tiny_model_dir, long_text, tmp_path, repo_root):
     results = json.loads(out.read_text())
     assert [r["context"] for r in results["runs"]] == [256, 1024, 1024]
     assert results["runs"][2]["rope_scaling"] == {"type": "ntk", "factor": 4.0}
+    assert len({r["tokens"] for r in results["runs"]}) == 1
     assert "by position" in proc.stdout
     bad = subprocess.run([sys.executable, "jobs/evaluate_long.py", "--checkpoint", str(tmp_path),
                           "--text", str(text)], cwd=repo_root, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "not a model directory" in bad.stderr
+
+
+def test_token_losses_in_chunks_match_full_logits(tiny_model_dir):
+    model = load_model_dir(tiny_model_dir).model
+    ids = torch.randint(0, model.config.vocab_size, (2, 50), generator=torch.Generator().manual_seed(0))
+    head = model.lm_head
+    with torch.no_grad():
+        chunked = token_losses(model, ids, chunk_tokens=14)  # 7 positions per chunk: uneven last chunk
+        logits = model(ids[:, :-1]).logits[..., :model.config.vocab_size]
+    full = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    assert chunked.shape == (2, 49) and torch.allclose(chunked, full, atol=1e-5)
+    assert model.lm_head is head  # put back
+
+
+def test_reference_scores_the_same_tokens(tiny_model_dir, long_text):
+    """The reference reads each long window in trained-length pieces: the same targets as
+    the long runs, whatever the document length (it used to cut its own windows)."""
+    text = long_text[:8_000]  # ~2.5 windows of 1024: the old reference read 10 of 256 instead of 8
+    results = evaluate_long_context(tiny_model_dir, [text], 1024, ["none", "yarn"])
+    ref, plain, yarn = results["runs"]
+    assert (ref["context"], plain["context"], yarn["context"]) == (256, 1024, 1024)
+    assert ref["tokens"] == plain["tokens"] == yarn["tokens"] == 1024 * plain["windows"]
+    loaded = load_model_dir(tiny_model_dir)
+    windows = _windows(tokenize_documents(loaded.tokenizer, [text], loaded.eos_id), 1024)
+    with torch.no_grad():
+        losses = [token_losses(loaded.model, w[None, lo: lo + 257]) for w in windows for lo in range(0, 1024, 256)]
+    assert ref["loss"] == pytest.approx(torch.cat(losses, 1).mean().item(), rel=1e-5)
+
+
+def test_context_within_trained_runs_the_reference_once(tiny_model_dir, long_text, tmp_path, repo_root):
+    text = tmp_path / "play.txt"
+    text.write_text(long_text[:3_000])
+    out = tmp_path / "long.json"
+    proc = subprocess.run([sys.executable, "jobs/evaluate_long.py", "--checkpoint", str(tiny_model_dir),
+                           "--text", str(text), "--context", "128", "--rope-scaling", "none", "yarn",
+                           "--max-windows", "2", "--device", "cpu", "--output", str(out)],
+                          cwd=repo_root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("rope none") == 1 and "reference is the only run" in proc.stdout
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["context"] == 128 and run["rope_scaling"] == "none"
+    bad = subprocess.run([sys.executable, "jobs/evaluate_long.py", "--checkpoint", str(tiny_model_dir),
+                          "--text", str(text), "--device", "bogus"], cwd=repo_root, capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "--device: device 'bogus'" in bad.stderr and "Traceback" not in bad.stderr
