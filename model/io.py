@@ -18,12 +18,14 @@ CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", 
 
 def save_pretrained(model: HybridLM, path: str | Path, tokenizer_file: str | Path | None = None,
                     metadata: dict | None = None) -> Path:
-    """Write config.json, model.safetensors (fp32, tied weights stored once) and a copy of
-    the tokenizer file. Writes into `path` directly; callers that need atomicity write to
-    a temporary directory and rename."""
+    """Write config.json, model.safetensors (fp32: floating-point tensors of a bf16 or fp16
+    model are upcast, so the directory has one format; tied weights stored once) and a copy
+    of the tokenizer file. Writes into `path` directly; callers that need atomicity write
+    to a temporary directory and rename."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    state = {k: (v.float() if v.is_floating_point() else v).detach().to("cpu").contiguous()
+             for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
     save_file(state, str(path / WEIGHTS_FILE), metadata={"format": "pt"})

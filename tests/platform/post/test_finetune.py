@@ -4,6 +4,8 @@ adapted projections, and the merged model equals base + adapter; its checkpoints
 written in place in the storage directory and sealed, as pretraining's are."""
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -147,16 +149,132 @@ def test_held_out_fraction_is_disjoint_and_the_same_on_every_call(tiny_model_dir
     from mamba_slm.platform.post.finetune import tokenize_chats, train_and_eval_examples
 
     job = FinetuneJob(str(tiny_model_dir), str(CHAT), "/tmp/x", TrainingConfig(seq_len=1, seed=5), eval_fraction=0.25)
-    train, held, eos = train_and_eval_examples(job)
+    split = train_and_eval_examples(job)
+    train, held = split.train, split.held_out
     everything, _ = tokenize_chats(job)
     assert len(held) == round(0.25 * len(everything)) and len(train) + len(held) == len(everything)
     assert not {str(x) for x, _ in train} & {str(x) for x, _ in held}
-    assert train_and_eval_examples(job)[1] == held  # the seed decides
+    assert train_and_eval_examples(job).held_out == held  # the seed decides
     with pytest.raises(ValueError, match="eval_fraction"):
         FinetuneJob(str(tiny_model_dir), str(CHAT), "/tmp/x", TrainingConfig(seq_len=1), eval_fraction=1.0)
     with pytest.raises(ValueError, match="not both"):
         FinetuneJob(str(tiny_model_dir), str(CHAT), "/tmp/x", TrainingConfig(seq_len=1), eval_data=str(CHAT),
                     eval_fraction=0.1)
+
+
+def test_held_out_fraction_keeps_duplicates_on_one_side(tiny_model_dir, tmp_path):
+    """Exact duplicates (anywhere in the file) are held out together or trained on together."""
+    from mamba_slm.platform.post.finetune import train_and_eval_examples
+
+    lines = CHAT.read_text().splitlines()
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text("\n".join(lines + lines[::-1] + lines[5:]) + "\n")
+    for seed in range(4):
+        job = FinetuneJob(str(tiny_model_dir), str(dup), "/tmp/x", TrainingConfig(seq_len=1, seed=seed),
+                          eval_fraction=0.2)
+        split = train_and_eval_examples(job)
+        assert not {str(x) for x, _ in split.train} & {str(x) for x, _ in split.held_out}, seed
+        assert len({str(x) for x, _ in split.held_out}) == 4  # 20% of the 20 distinct conversations
+
+
+def test_eval_data_shared_with_training_is_counted(tiny_model_dir, tmp_path):
+    from mamba_slm.platform.post.finetune import train_and_eval_examples
+
+    lines = CHAT.read_text().splitlines()
+    ev = tmp_path / "eval.jsonl"
+    ev.write_text("\n".join(lines[:3] + ['{"messages": [{"role": "user", "content": "Unseen?"}, '
+                                         '{"role": "assistant", "content": "Yes."}]}']) + "\n")
+    job = FinetuneJob(str(tiny_model_dir), str(CHAT), "/tmp/x", TrainingConfig(seq_len=1), eval_data=str(ev))
+    split = train_and_eval_examples(job)
+    assert (len(split.held_out), split.shared) == (4, 3)
+
+
+def finetune_cli():
+    spec = importlib.util.spec_from_file_location("finetune_job", Path(__file__).parents[3] / "jobs" / "finetune.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cli_job(tmp_path, *extra: str, data: Path = CHAT, model_dir: Path | None = None):
+    cli = finetune_cli()
+    parser = cli.build_parser()
+    args = parser.parse_args(["--checkpoint", str(model_dir), "--data", str(data), "--output",
+                              str(tmp_path / "out"), *extra])
+    return cli.make_job(args, parser)
+
+
+@pytest.mark.parametrize("epochs, steps", [(1, 2), (3, 4), (0.5, 1), (8 / 9, 1)])
+def test_epochs_are_whole_passes(tiny_model_dir, tmp_path, epochs, steps):
+    """9 conversations, 8 a step: ceil(epochs x 9 / 8) steps (3 epochs were 6 steps, 5.3 passes)."""
+    nine = tmp_path / "nine.jsonl"
+    nine.write_text("\n".join(CHAT.read_text().splitlines()[:9]) + "\n")
+    job, _ = cli_job(tmp_path, "--epochs", str(epochs), "--global-batch-size", "8", data=nine,
+                     model_dir=tiny_model_dir)
+    assert job.training.max_steps == steps
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--global-batch-size", "0"], "--global-batch-size 0: must be >= 1"),
+    (["--epochs", "inf"], "--epochs inf: must be a positive finite"),
+    (["--epochs", "nan"], "--epochs nan"),
+    (["--max-seq-len", "-5"], "--max-seq-len -5: must be >= 0"),
+    (["--max-seq-len", "100000"], "--max-seq-len 100000 exceeds the model's context of 256"),
+    (["--lora-alpha", "0"], "LoraConfig.alpha=0.0"),
+    (["--cpus-per-worker", "0"], "--cpus-per-worker 0.0"),
+    (["--max-failures", "-1"], "--max-failures"),
+    (["--weight-decay", "nan"], "--weight-decay"),
+])
+def test_bad_arguments_exit_2_with_a_message(tiny_model_dir, tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exc:
+        cli_job(tmp_path, *extra, model_dir=tiny_model_dir)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_resume_mismatch_names_what_differs(tiny_model_dir):
+    from mamba_slm.platform.post.finetune import LoraConfig, resume_mismatch
+
+    job = FinetuneJob(str(tiny_model_dir), str(CHAT), "/tmp/x", TrainingConfig(seq_len=1))
+    saved = json.loads(json.dumps(job.to_dict()))  # as in train_state.json
+    assert resume_mismatch(saved, dataclasses.replace(job, training=TrainingConfig(seq_len=1, max_steps=7))) == ""
+    other = dataclasses.replace(job, checkpoint="/elsewhere", lora=LoraConfig(rank=4))
+    why = resume_mismatch(saved, other)
+    assert "--checkpoint" in why and "/elsewhere" in why and "--lora-rank" in why and "--data" not in why
+
+
+def test_loss_per_assistant_token_does_not_depend_on_micro_batch_size(tiny_model_dir):
+    """The step's objective (the mean of the rescaled micro-batch losses, what DeepSpeed's
+    gradient accumulation and the worker average compute) is the loss per assistant token."""
+    from mamba_slm.platform.post.finetune import (PerAssistantTokenLoss, batch_token_counts, padded_batch,
+                                                  tokenize_chats)
+
+    job = FinetuneJob(str(tiny_model_dir), str(CHAT), "/tmp/x", TrainingConfig(seq_len=1))
+    examples, eos = tokenize_chats(job)
+    rows = [0, 3, 7, 11]
+    assert len({batch_token_counts(examples, [r])[1] for r in rows}) > 1  # uneven: a plain mean would differ
+    model = load_pretrained(tiny_model_dir)
+    want = token_weighted_loss(model, [examples[r] for r in rows])
+    with torch.no_grad():
+        for micro in (1, 2, 4):
+            per_token = PerAssistantTokenLoss(model, micro_batches_per_step=len(rows) // micro)
+            per_token.step_tokens = batch_token_counts(examples, rows)[1]
+            losses = [per_token(mb.input_ids, labels=mb.labels).loss.item()
+                      for mb in (padded_batch(examples, rows[i:i + micro], eos) for i in range(0, 4, micro))]
+            assert sum(losses) / len(losses) == pytest.approx(want, abs=1e-5), micro
+
+
+def test_save_pretrained_writes_fp32(tmp_path):
+    from safetensors import safe_open
+
+    from mamba_slm.model import HybridLM, ModelConfig
+    from mamba_slm.model.io import save_pretrained
+
+    model = HybridLM(ModelConfig.from_name("tiny", vocab_size=512, ssm_path="reference")).to(torch.bfloat16)
+    save_pretrained(model, tmp_path / "m")
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+    assert torch.equal(load_pretrained(tmp_path / "m").embed_tokens.weight, model.embed_tokens.weight.float())
 
 
 def test_held_out_loss_is_the_loss_per_assistant_token(tiny_model_dir):
