@@ -321,6 +321,24 @@ def profile_step(model, prompt_len: int, bandwidth: float) -> list[dict]:
 
 
 @torch.no_grad()
+def greedy_step_graph(dec) -> torch.cuda.CUDAGraph:
+    """The decoder's step and a greedy argmax into its own input, captured as one graph
+    (warmed up on a side stream first); the cache is reset after."""
+    def step():
+        dec._token.copy_(dec._forward(dec._token).argmax(-1, keepdim=True))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    dec.cache.reset()
+    return graph
+
+
 def generate_breakdown(model, prompt: torch.Tensor, new: int, cache_lens: list[int]) -> list[dict]:
     """Where generate's time per token goes beyond the captured step (ms per token, one
     decoder each, after the prompt): the step replayed at each cache length (attention
@@ -378,16 +396,7 @@ def generate_breakdown(model, prompt: torch.Tensor, new: int, cache_lens: list[i
         dec._token.copy_(src)
     rows.append(dict(what="token copy as its own graph + graph.replay, wall clock",
                      ms_per_token=wall(lambda: (copy_graph.replay(), dec.graph.replay()))))
-    # greedy inside the step's graph: its argmax becomes the next step's input
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        dec._token.copy_(dec._forward(dec._token).argmax(-1, keepdim=True))
-    torch.cuda.current_stream().wait_stream(side)
-    greedy_graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(greedy_graph):
-        dec._token.copy_(dec._forward(dec._token).argmax(-1, keepdim=True))
-    dec.cache.reset()
+    greedy_graph = greedy_step_graph(dec)
     rows.append(dict(what="step + argmax into its own input, one graph, replay loop, wall clock",
                      ms_per_token=wall(greedy_graph.replay)))
     rows.append(dict(what="the same + a host read of the token every 16 steps",
@@ -484,14 +493,7 @@ def boundary_profile(model, prompt: torch.Tensor, new: int, out_dir: str | None 
     generation._GRAPH_DECODERS.pop(model, None)
     T = prompt.shape[1]
     dec = generation.make_decoder(model, 1, T + new, True)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        dec._token.copy_(dec._forward(dec._token).argmax(-1, keepdim=True))
-    torch.cuda.current_stream().wait_stream(side)
-    greedy = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(greedy):
-        dec._token.copy_(dec._forward(dec._token).argmax(-1, keepdim=True))
+    greedy = greedy_step_graph(dec)
     src = prompt[:, -1:].clone()
     loops = {"replay back to back": dec.graph.replay,
              "token copy + replay": lambda: (dec._token.copy_(src), dec.graph.replay()),

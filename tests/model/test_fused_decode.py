@@ -71,21 +71,27 @@ def _model():
     return model
 
 
+def _compare_steps(model, prompt_len: int, steps: int, tol: dict):
+    """Prefill a random prompt into two caches, then `steps` greedy steps: the fused step on
+    one, the model's own on the other; logits compared at each. -> (fused, ref) caches."""
+    pdl = fused_decode.pdl_supported(torch.device(DEVICE))
+    prompt = torch.randint(0, 512, (1, prompt_len), device=DEVICE)
+    fused, ref = model.new_cache(1, 32), model.new_cache(1, 32)
+    model(prompt, cache=fused), model(prompt, cache=ref)
+    tok = prompt[:, -1:]
+    for step in range(steps):
+        got = fused_decode.decode_step(model, tok, fused, pdl=pdl)
+        want = model(tok, cache=ref).logits
+        torch.testing.assert_close(got.float(), want.float(), **tol, msg=lambda m, s=step: f"step {s}: {m}")
+        tok = want[:, -1].argmax(-1, keepdim=True)
+    return fused, ref
+
+
 @torch.no_grad()
 def test_fused_step_matches_the_layer_by_layer_step():
     """Logits, SSM and conv states and KV caches of 6 decode steps after a prompt: the
     fused step on one cache, the model's own step on another."""
-    model = _model()
-    pdl = fused_decode.pdl_supported(torch.device(DEVICE))
-    prompt = torch.randint(0, 512, (1, 9), device=DEVICE)
-    fused, ref = model.new_cache(1, 32), model.new_cache(1, 32)
-    model(prompt, cache=fused), model(prompt, cache=ref)
-    tok = prompt[:, -1:]
-    for step in range(6):
-        got = fused_decode.decode_step(model, tok, fused, pdl=pdl)
-        want = model(tok, cache=ref).logits
-        torch.testing.assert_close(got.float(), want.float(), **TOL, msg=lambda m, s=step: f"step {s}: {m}")
-        tok = want[:, -1].argmax(-1, keepdim=True)
+    fused, ref = _compare_steps(_model(), prompt_len=9, steps=6, tol=TOL)
     assert fused.seqlen == ref.seqlen == 15 and int(fused.offset) == 15
     for i, (a, b) in enumerate(zip(fused.layers, ref.layers)):
         for name in ("conv", "ssm") if hasattr(a, "ssm") else ("k", "v"):
@@ -117,14 +123,4 @@ def test_fused_step_runs_int8_weight_only_linears():
     model.pack_for_decoding()
     assert fused_decode.weight_of(model.layers[0].mixer.in_proj)[0].dtype == torch.int8
     assert fused_decode.weight_of(model.layers[1].mixer.qkv)[1] is not None  # packed INT8 q|k|v
-    pdl = fused_decode.pdl_supported(torch.device(DEVICE))
-    prompt = torch.randint(0, 512, (1, 5), device=DEVICE)
-    fused, ref = model.new_cache(1, 16), model.new_cache(1, 16)
-    model(prompt, cache=fused), model(prompt, cache=ref)
-    tok = prompt[:, -1:]
-    for step in range(4):
-        got = fused_decode.decode_step(model, tok, fused, pdl=pdl)
-        want = model(tok, cache=ref).logits
-        torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2,
-                                   msg=lambda m, s=step: f"step {s}: {m}")
-        tok = want[:, -1].argmax(-1, keepdim=True)
+    _compare_steps(model, prompt_len=5, steps=4, tol=dict(atol=3e-2, rtol=3e-2))
