@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -68,14 +69,20 @@ def eos_id_of(checkpoint: Path, tokenizer) -> int | None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from mamba_slm.model.generation import MIN_SAMPLING_PARAM
+
     checkpoint = Path(args.checkpoint)
     problems = []
     if not checkpoint.exists():
         problems.append(f"--checkpoint {checkpoint} does not exist")
-    if args.max_new_tokens < 1 or args.num_samples < 1 or args.temperature < 0:
-        problems.append("--max-new-tokens and --num-samples must be >= 1, --temperature >= 0")
-    if not 0 < args.top_p <= 1 or args.top_k < 0 or args.repetition_penalty <= 0:
-        problems.append("--top-p must be in (0, 1], --top-k >= 0, --repetition-penalty > 0")
+    if args.max_new_tokens < 1 or args.num_samples < 1:
+        problems.append("--max-new-tokens and --num-samples must be >= 1")
+    if not (args.temperature == 0 or MIN_SAMPLING_PARAM <= args.temperature < math.inf):
+        problems.append(f"--temperature must be 0 (greedy) or a finite number >= {MIN_SAMPLING_PARAM:g}")
+    if not (MIN_SAMPLING_PARAM <= args.top_p <= 1) or args.top_k < 0 \
+            or not MIN_SAMPLING_PARAM <= args.repetition_penalty < math.inf:
+        problems.append(f"--top-p must be in [{MIN_SAMPLING_PARAM:g}, 1], --top-k >= 0, --repetition-penalty "
+                        f"a finite number >= {MIN_SAMPLING_PARAM:g}")
     tok_path = Path(args.tokenizer) if args.tokenizer else (find_tokenizer(checkpoint) if checkpoint.exists() else None)
     if not problems and (tok_path is None or not tok_path.is_file()):
         problems.append(f"no tokenizer.json found for {checkpoint}; pass --tokenizer PATH")

@@ -40,6 +40,9 @@ MAX_LEN_BUCKET = 256  # generate() sizes caches up to a multiple of this
 # launching its ~800 kernels (52 ms for 128 tokens of the 1.3B preset on an H200, for ~3.5 ms
 # of GPU work); longer prompts give the GPU enough work to hide the launches.
 PREFILL_GRAPH_MIN_LEN, PREFILL_GRAPH_MAX_LEN = 16, 1024
+# The smallest positive temperature, top_p and repetition_penalty that sample: float32 logits
+# divided by a smaller one overflow to inf (a smaller top_p rounds to 0), and sampling fails.
+MIN_SAMPLING_PARAM = 1e-6
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

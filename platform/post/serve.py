@@ -42,16 +42,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.concurrency import run_in_threadpool
 
-from mamba_slm.model.generation import make_decoder, sample_next
+from mamba_slm.model.generation import MIN_SAMPLING_PARAM, make_decoder, sample_next
 
 from .chat import prompt_ids, validate_messages
 from .loading import LoadedModel
 
 
 DEFAULT_MAX_NEW_TOKENS = 64
-# The smallest positive temperature, top_p and repetition_penalty: the float32 logits divided
-# by a smaller one overflow to inf (a smaller top_p rounds to 0), and sampling fails.
-MIN_SAMPLING_PARAM = 1e-6
 
 
 class Message(BaseModel):

@@ -37,6 +37,10 @@ def test_generates_from_a_model_dir(generate_job, tiny_model_dir, capsys):
     (["--device", "gpu"], "argument --device: invalid choice: 'gpu'"),
     (["--device", "cuda"], "--device cuda: no CUDA device is visible here; use --device cpu"),
     (["--tokenizer", "{model}/config.json"], "config.json is not a tokenizer.json"),
+    (["--temperature", "1e-40"], "--temperature must be 0 (greedy) or a finite number >= 1e-06"),
+    (["--temperature", "nan"], "--temperature must be 0"),
+    (["--top-p", "1e-50"], "--top-p must be in [1e-06, 1]"),
+    (["--repetition-penalty", "inf"], "--repetition-penalty a finite number"),
 ])
 def test_bad_device_or_tokenizer_is_exit_2(generate_job, tiny_model_dir, capsys, monkeypatch, args, needle):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only host, on any machine
