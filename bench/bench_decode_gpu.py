@@ -164,7 +164,9 @@ def decode_rows(cfg: ModelConfig, prompt_len: int, new: int, sides: list[str]):
         if unfused:
             set_decode_levers(model, False)
         if family != "mamba_ssm":  # the PDL kernel chain of model/fused_decode.py, or the layer-by-layer step
-            model.fused_decode = side not in ("ours_graphs_layerwise", "ours_graphs_unfused", "ours_graphs_gemv")
+            # (ours_eager: the layer-by-layer reference the graph sides' greedy tokens are checked against)
+            model.fused_decode = side not in ("ours_eager", "ours_graphs_layerwise", "ours_graphs_unfused",
+                                              "ours_graphs_gemv")
         try:
             with gemv_linears(model) if side == "ours_graphs_gemv" else contextlib.nullcontext():
                 first, second, out = timed(run)

@@ -42,6 +42,7 @@ GEMV, the int8 codes converted in registers and the row's scale applied to the s
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -188,7 +189,14 @@ if triton is not None:
 
 def pdl_supported(device: torch.device) -> bool:
     """PDL needs sm90+ and a Triton with the `launch_pdl` option (3.4+)."""
-    if INTERPRET or triton is None or device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
+    if INTERPRET or triton is None or device.type != "cuda":
+        return False
+    return _pdl_on(torch.cuda.get_device_capability(device))
+
+
+@functools.cache
+def _pdl_on(capability: tuple[int, int]) -> bool:
+    if capability < (9, 0):
         return False
     from triton.backends.nvidia.compiler import CUDAOptions
     return "launch_pdl" in CUDAOptions.__dataclass_fields__ and hasattr(tl.extra.cuda, "gdc_wait")

@@ -35,10 +35,11 @@ _GRAPH_DECODERS: "weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict[tuple, 
     weakref.WeakKeyDictionary()
 GRAPH_DECODERS_PER_MODEL = 4
 MAX_LEN_BUCKET = 256  # generate() sizes caches up to a multiple of this
-# Prompts of up to PREFILL_GRAPH_MAX_LEN tokens run as a CUDA graph of the next power of two
-# (at least PREFILL_GRAPH_MIN_LEN), right-padded: eager, a short prompt is bound by the host
-# launching its ~800 kernels (52 ms for 128 tokens of the 1.3B preset on an H200, for ~3.5 ms
-# of GPU work); longer prompts give the GPU enough work to hide the launches.
+# Prompts of up to PREFILL_GRAPH_MAX_LEN tokens (all rows together) run as a CUDA graph of the
+# next power of two (at least PREFILL_GRAPH_MIN_LEN), right-padded: eager, a short prompt is
+# bound by the host launching its ~800 kernels (52 ms for 128 tokens of the 1.3B preset on an
+# H200, for ~3.5 ms of GPU work); longer prompts give the GPU enough work to hide the launches,
+# and would pin more activation memory per graph.
 PREFILL_GRAPH_MIN_LEN, PREFILL_GRAPH_MAX_LEN = 16, 1024
 # The smallest positive temperature, top_p and repetition_penalty that sample: float32 logits
 # divided by a smaller one overflow to inf (a smaller top_p rounds to 0), and sampling fails.
@@ -113,7 +114,8 @@ class Decoder:
             self.fused = fused_decode.fusable(model, batch, device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.key: tuple | None = None  # what `graph_decoder` reuses it for
-        self._prefill_graphs: dict[int, tuple] = {}  # padded length -> (graph, ids, valid_len, logits)
+        self._prefill_graphs: dict[int, tuple | None] = {}  # padded length -> (graph, ids, valid_len, logits)
+        self._prefill_pool = None
         if resolve_cuda_graphs(cuda_graphs, device):
             self._capture(batch, device)
 
@@ -147,22 +149,35 @@ class Decoder:
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Empty the cache and run the prompt (B, T) through the full path. A graph decoder
         replays a captured graph of the prompt right-padded to the next power of two
-        (captured on first use; up to PREFILL_GRAPH_MAX_LEN tokens), else runs it eagerly."""
+        (captured on first use, while B x that length is at most PREFILL_GRAPH_MAX_LEN; if a
+        capture fails, that length runs eagerly with a warning), else runs it eagerly. As
+        with `step`, a graph's logits are its output buffer: read them before the next call."""
         B, T = input_ids.shape
         self.cache.reset()
         padded = max(PREFILL_GRAPH_MIN_LEN, 1 << (T - 1).bit_length())
-        if self.graph is None or padded > min(PREFILL_GRAPH_MAX_LEN, self.cache.max_len):
-            valid = torch.full((1,), T, dtype=torch.long, device=input_ids.device)
-            logits = self.model(input_ids, cache=self.cache, valid_len=valid).logits[:, -1, :self.vocab]
-            self.cache.seqlen = T
-            return logits
+        if self.graph is None or B * padded > PREFILL_GRAPH_MAX_LEN or padded > self.cache.max_len:
+            return self._prefill_eager(input_ids)
         if padded not in self._prefill_graphs:
-            self._prefill_graphs[padded] = self._capture_prefill(B, padded, input_ids.device)
+            try:
+                self._prefill_graphs[padded] = self._capture_prefill(B, padded, input_ids.device)
+            except Exception as exc:  # noqa: BLE001 - an optimisation: the eager prompt still works
+                log.warning("decode: capturing the prompt graph of %d tokens failed (%r); prompts of that "
+                            "length run eagerly", padded, exc)
+                self._prefill_graphs[padded] = None
+        if self._prefill_graphs[padded] is None:
+            return self._prefill_eager(input_ids)
         graph, ids, valid, logits = self._prefill_graphs[padded]
         ids[:, :T].copy_(input_ids)
         ids[:, T:].zero_()  # any token id: padding changes no state
         valid.fill_(T)
         graph.replay()
+        self.cache.seqlen = T
+        return logits
+
+    def _prefill_eager(self, input_ids: torch.Tensor) -> torch.Tensor:
+        T = input_ids.shape[1]
+        valid = torch.full((1,), T, dtype=torch.long, device=input_ids.device)  # logits of the last token only
+        logits = self.model(input_ids, cache=self.cache, valid_len=valid).logits[:, -1, :self.vocab]
         self.cache.seqlen = T
         return logits
 
@@ -178,7 +193,11 @@ class Decoder:
         torch.cuda.current_stream(device).wait_stream(side)
         self.cache.reset()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        if self._prefill_pool is None:
+            self._prefill_pool = torch.cuda.graph_pool_handle()
+        # One memory pool for the decoder's prompt graphs: they never run at once, so their
+        # activations can share memory (each output stays alive, so none is reused).
+        with torch.cuda.graph(graph, pool=self._prefill_pool):
             logits = self.model(ids, cache=self.cache, valid_len=valid).logits[:, -1, :self.vocab]
         self.cache.reset()
         log.info("decode: captured a CUDA graph of prompts padded to %d tokens", length)

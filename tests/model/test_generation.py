@@ -153,6 +153,29 @@ def test_a_right_padded_prompt_leaves_the_cache_as_the_prompt_alone(pattern, rea
             torch.testing.assert_close(sb.ssm, sa.ssm, atol=2e-5, rtol=1e-5)
 
 
+def test_a_prompt_graph_that_fails_to_capture_falls_back_to_the_eager_prompt(monkeypatch, caplog):
+    """The prompt graph is an optimisation: if its capture fails, that length runs eagerly
+    (warned once, not retried) instead of failing every request of that length. (Capture
+    needs a GPU: a CPU decoder stands in with a fake step graph.)"""
+    model = _model("AMAM")
+    ids = torch.randint(0, 4000, (1, 11))
+    want = Decoder(model, 1, 64, cuda_graphs=False).prefill(ids)
+    dec = Decoder(model, 1, 64, cuda_graphs=False)
+    dec.graph = object()  # as a graph decoder
+    calls = []
+
+    def broken(*args):
+        calls.append(args)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(dec, "_capture_prefill", broken)
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            torch.testing.assert_close(dec.prefill(ids), want)
+            assert dec.cache.seqlen == 11 and int(dec.cache.offset) == 11
+    assert len(calls) == 1 and "prompts of that length run eagerly" in caplog.text
+
+
 def test_graph_decoders_are_bucketed_and_kept_least_recently_used(monkeypatch):
     """Cache lengths: multiples of 256, or powers of two for graph decoders whose attention
     reads only the filled positions (the GPU kernel); the model keeps the
