@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         training, data, run = configs_from_args(args)
         from mamba_slm.platform.train.launcher import resolve_job
 
+        # also checks the batch against every worker count an elastic run may get
         job = resolve_job(training, data, run, model_overrides_from_args(args, training))
-        job.training.grad_accum_steps(max(1, run.num_workers))
     except (ValueError, FileNotFoundError) as err:
         parser.print_usage(sys.stderr)
         print(f"{parser.prog}: error: {err}", file=sys.stderr)

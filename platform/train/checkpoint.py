@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -37,6 +38,7 @@ from mamba_slm.model.io import CONFIG_FILE, WEIGHTS_FILE, load_pretrained, save_
 from mamba_slm.platform.fault.integrity import fresh_temporary_dir, move_files, publish_atomically
 from mamba_slm.platform.fault.worker import broadcast_from_rank0
 
+from .config import TrainingConfig
 from .state import TrainState
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,59 @@ def check_architecture(saved: dict[str, Any], current: ModelConfig, where: str) 
             "same --size and data (vocabulary), or start a new run with another --name.")
 
 
+def check_resumable(saved: dict[str, Any], model: ModelConfig, training: TrainingConfig, where: str) -> None:
+    """Refuse a checkpoint (its stored config `saved`) this run cannot continue: another
+    architecture, or another ZeRO stage (DeepSpeed's files differ by stage, and loading one
+    with the other fails as "no checkpoint")."""
+    check_architecture(saved["model"], model, where)
+    stage = saved.get("training", {}).get("zero_stage")
+    if stage is not None and stage != training.zero_stage:
+        raise ValueError(
+            f"cannot resume from {where}: it was written with --zero-stage {stage}, this run asks for "
+            f"--zero-stage {training.zero_stage} (DeepSpeed keeps the two stages' weights and optimizer "
+            f"state in different files). Resume with --zero-stage {stage}, or start a new run with another --name.")
+
+
+# TrainingConfig fields a resumed run takes from its own flags, not from the checkpoint
+OPTIMIZER_FIELDS = ("lr", "weight_decay", "beta1", "beta2", "adam_eps", "grad_clip")
+
+
+def optimizer_changes(saved: dict[str, Any], training: TrainingConfig) -> str:
+    """'field: checkpoint X -> now Y, ...' for the optimizer settings of `training` that
+    differ from those the checkpoint (its stored config `saved`) was trained with; '' if none."""
+    before = saved.get("training", {})
+    return ", ".join(f"{name}: checkpoint {before[name]!r} -> now {getattr(training, name)!r}"
+                     for name in OPTIMIZER_FIELDS if name in before and before[name] != getattr(training, name))
+
+
+def optimizer_settings(engine) -> tuple[list[dict[str, Any]], float]:
+    """The engine's optimizer settings, as built from this run's config: every param group's
+    hyperparameters ("params" and a group-held "step" counter left out) and the gradient clip."""
+    groups = [{k: copy.deepcopy(v) for k, v in group.items() if k not in ("params", "step")}
+              for group in engine.optimizer.param_groups]
+    return groups, engine.gradient_clipping()
+
+
+def restore_optimizer_settings(engine, settings: tuple[list[dict[str, Any]], float]) -> None:
+    """Put back what `optimizer_settings` took before `engine.load_checkpoint` overwrote it.
+
+    DeepSpeed 0.19.8 loads the saved settings with the optimizer state: torch's
+    `Optimizer.load_state_dict` replaces every group's hyperparameters, ZeRO-1/2 also its
+    gradient clip (`_load_global_state`), and ZeRO-3's universal-checkpoint loader
+    (`load_hp_checkpoint_state_from_checkpoint_dir_stage3`) copies the *first* group's
+    settings into every group, which gave the no-decay group (norms, biases, A_log, D,
+    dt_bias) weight decay after every elastic resize. A resumed run follows its own flags."""
+    groups, clip = settings
+    if len(groups) != len(engine.optimizer.param_groups):
+        raise RuntimeError(f"the optimizer has {len(engine.optimizer.param_groups)} parameter groups after "
+                           f"loading a checkpoint, {len(groups)} before")
+    for group, before in zip(engine.optimizer.param_groups, groups):
+        group.update(copy.deepcopy(before))
+    engine._config.gradient_clipping = clip  # the engine's own clipping (non-ZeRO paths) reads this
+    if hasattr(engine.optimizer, "clip_grad"):  # ZeRO-1/2 and ZeRO-3 clip with this
+        engine.optimizer.clip_grad = clip
+
+
 def saved_world_size(path: str | Path) -> int:
     """Data-parallel ranks the checkpoint was written by (one ZeRO optimizer shard each)."""
     return len(list((Path(path) / DS_TAG).glob("*_optim_states.pt")))
@@ -114,15 +169,18 @@ def load_checkpoint(engine, path: Path, rank: int, world: int = 0, node: tuple[i
     by world size. It is converted to DeepSpeed's universal checkpoint once per node (local
     rank 0, into a scratch directory), and every worker loads its new partition from that;
     the Adam moments and fp32 master weights carry over exactly. `node` is (node rank,
-    local rank) of this worker."""
+    local rank) of this worker. The optimizer's settings (weight decay, betas, eps, gradient
+    clip) stay those the engine was built with, this run's (`restore_optimizer_settings`)."""
     saved = saved_world_size(path)
     universal = bool(world and saved and saved != world)
     node_rank, local_rank = node
     load_dir = _universal_copy(path, saved, world, node_rank, local_rank) if universal else path
     engine._config.load_universal_checkpoint = universal  # read by load_checkpoint at call time
+    settings = optimizer_settings(engine)
     try:
         load_path, _ = engine.load_checkpoint(str(load_dir), tag=DS_TAG, load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
+        restore_optimizer_settings(engine, settings)
     finally:
         if universal:
             engine._config.load_universal_checkpoint = False

@@ -93,7 +93,8 @@ def checkpoint_every_arg(text: str) -> int | str:
 
 def configs_from_args(args: argparse.Namespace) -> tuple[TrainingConfig, DataConfig, RunConfig]:
     """Preset values, then every flag that was given. Raises ValueError (from the
-    configs' checks) naming the field that is wrong."""
+    configs' checks) naming the field that is wrong; the checks across configs
+    (config.check_run_fits) run when `launcher.resolve_job` builds the JobSpec."""
     preset = TRAINING_PRESETS[args.training_config]
     given = {group: {} for group, _, _ in GROUPS}
     for key, value in vars(args).items():
@@ -103,9 +104,6 @@ def configs_from_args(args: argparse.Namespace) -> tuple[TrainingConfig, DataCon
     training = TrainingConfig.from_name(args.training_config, **given["training"])
     data = DataConfig(**given["data"])
     run = RunConfig(**{**preset["run"], **given["run"]})
-    if training.checkpoint_every == "auto" and not run.preemptions_per_hour > 0:
-        raise ValueError("--checkpoint-every auto needs --preemptions-per-hour X > 0 (the expected "
-                         "preemptions per node-hour of your capacity, e.g. 0.05 for spot GPUs)")
     return training, data, run
 
 

@@ -122,16 +122,51 @@ class TrainingConfig:
         if self.offload_param and self.zero_stage != 3:
             raise ValueError("TrainingConfig.offload_param needs zero_stage=3 (ZeRO-2 keeps "
                              "full parameters on every worker)")
+        self._check_optimizer()
+        self._check_warmup()
+
+    def _check_optimizer(self) -> None:
+        # Every float first: NaN passes `nan < 0` and `nan <= 1` unnoticed.
+        for name in ("lr", "min_lr_ratio", "decay_fraction", "weight_decay", "beta1", "beta2", "adam_eps",
+                     "grad_clip", "spike_factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"TrainingConfig.{name}={value!r}: must be a finite number")
         if not self.lr > 0:
             raise ValueError(f"TrainingConfig.lr={self.lr}: must be > 0")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"TrainingConfig.min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]")
         if not 0.0 < self.decay_fraction <= 1.0:
             raise ValueError(f"TrainingConfig.decay_fraction={self.decay_fraction}: must be in (0, 1]")
+        for name in ("beta1", "beta2"):  # torch's AdamW refuses anything else, in every worker
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"TrainingConfig.{name}={getattr(self, name)}: must be in [0, 1)")
+        if not self.adam_eps > 0:
+            raise ValueError(f"TrainingConfig.adam_eps={self.adam_eps}: must be > 0")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.spike_factor < 0:
             raise ValueError("TrainingConfig.weight_decay, grad_clip and spike_factor must be >= 0")
         if self.spike_factor and self.spike_factor <= 1.0:
             raise ValueError(f"TrainingConfig.spike_factor={self.spike_factor}: must be > 1 (or 0 = off)")
+
+    def _check_warmup(self) -> None:
+        """A WSD warmup that ends inside the final decay would jump from the peak to the
+        middle of the decay (100 steps, decay_fraction 0.2, warmup 90: 1.0 -> 0.505 at step
+        90). A warmup as long as the whole schedule is allowed (a few-step smoke run with a
+        preset's warmup): the learning rate then only ramps up, and the launcher says so."""
+        horizon = self.schedule_steps or self.max_steps
+        if self.schedule != "wsd" or self.warmup_steps >= horizon:
+            return
+        decay_start = self.wsd_decay_start()
+        if self.warmup_steps > decay_start:
+            raise ValueError(
+                f"TrainingConfig.warmup_steps={self.warmup_steps} ends inside the wsd decay, which starts "
+                f"at step {decay_start} (the last decay_fraction={self.decay_fraction:g} of {horizon} steps): "
+                f"use --warmup-steps <= {decay_start} or a smaller --decay-fraction")
+
+    def wsd_decay_start(self) -> int:
+        """The step the wsd schedule starts its final decay at (schedule.lr_at)."""
+        horizon = self.schedule_steps or self.max_steps
+        return horizon - max(1, round(self.decay_fraction * horizon))
 
     def tokens_per_step(self, seq_len: int | None = None) -> int:
         return self.global_batch_size * (seq_len or self.seq_len)
@@ -254,6 +289,39 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
         return cls(**_known(cls, d))
+
+
+def check_run_fits(training: TrainingConfig, run: RunConfig) -> None:
+    """Checks across the two configs (JobSpec runs them, so every caller gets them):
+    `checkpoint_every='auto'` needs `preemptions_per_hour`, and the global batch divides
+    over every worker count the run may train on. An elastic run (min_workers set) can
+    start, or restart after losing nodes, at any size from min_workers to num_workers:
+    a size that does not divide would fail in every worker, on every restart."""
+    if training.checkpoint_every == "auto" and not run.preemptions_per_hour > 0:
+        raise ValueError("--checkpoint-every auto needs --preemptions-per-hour X > 0 (the expected "
+                         "preemptions per node-hour of your capacity, e.g. 0.05 for spot GPUs)")
+    high = max(1, run.num_workers)  # 0 = in this process: one worker
+    low = run.min_workers or high
+    bad = [w for w in range(low, high + 1) if not _divides(training, w)]
+    if not bad:
+        return
+    if low == high:
+        training.grad_accum_steps(high)  # raises, naming the batch and the worker count
+    per_step = training.micro_batch_size * math.lcm(*range(low, high + 1))
+    batch = per_step * max(1, -(-training.global_batch_size // per_step))
+    narrower = next((m for m in range(low + 1, high + 1) if all(_divides(training, w) for w in range(m, high + 1))),
+                    None)
+    floor = f", or a narrower elastic range (--min-workers {narrower})" if narrower else ""
+    raise ValueError(
+        f"global_batch_size={training.global_batch_size} does not divide into micro-batches of "
+        f"{training.micro_batch_size} on {', '.join(map(str, bad))} worker(s), and this elastic run "
+        f"(--min-workers {low} --num-workers {high}) may train on any count in between: use a global batch "
+        f"divisible by micro_batch_size x each count, e.g. --global-batch-size {batch}{floor}")
+
+
+def _divides(training: TrainingConfig, world: int) -> bool:
+    per_worker, rest = divmod(training.global_batch_size, training.micro_batch_size * world)
+    return per_worker > 0 and rest == 0
 
 
 def _positive_int(obj: Any, name: str) -> None:

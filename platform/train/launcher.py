@@ -12,6 +12,7 @@ Layout of a run with the default local storage (`./runs`):
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +21,13 @@ from typing import Any
 from mamba_slm.model import ModelConfig
 from mamba_slm.platform.extras import missing_extra
 
-from .config import DataConfig, RunConfig, TrainingConfig
+from .config import DataConfig, RunConfig, TrainingConfig, check_run_fits
 from .data import read_manifest
 from .loop import train_loop_per_worker
 from .metrics import read_metrics
 from .state import JobSpec
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -68,6 +71,7 @@ def resolve_job(training: TrainingConfig, data: DataConfig, run: RunConfig,
                 model_overrides: dict[str, Any] | None = None, hooks: list | None = None) -> JobSpec:
     """Fill in what the flags left open: the data (demo corpus when no path), the model
     (vocabulary and context from the manifest), the run name and absolute paths."""
+    check_run_fits(training, run)  # before anything starts (JobSpec checks it again)
     if run.num_workers == 0 and is_uri(run.storage_path):
         raise ValueError(f"--num-workers 0 trains in this process, without Ray Train's storage "
                          f"layer, so checkpoints cannot go to {run.storage_path}; give a directory "
@@ -108,13 +112,62 @@ def resolve_job(training: TrainingConfig, data: DataConfig, run: RunConfig,
     run = dataclasses.replace(run, name=name, output_dir=str(output), storage_path=storage,
                               resume_from=str(Path(run.resume_from).resolve()) if run.resume_from else "")
     if seq_len != training.seq_len:
-        training = dataclasses.replace(training, seq_len=seq_len)  # the data decides
+        log.warning("--seq-len %d: the data in %s is curated at seq_len %d, which this run trains at "
+                    "(the data decides)", training.seq_len, data.path, seq_len)
+        training = dataclasses.replace(training, seq_len=seq_len)
+    warn_if_all_warmup(training)
     if training.float8 and (training.micro_batch_size * seq_len) % 16:
         # the weight gradient's float8 matmul multiplies over the micro-batch's tokens
         raise ValueError(f"--float8 needs micro_batch_size x seq_len = {training.micro_batch_size} x "
                          f"{seq_len} to be a multiple of 16 (cuBLAS's float8 matmul); change "
                          "--micro-batch-size or the data's seq_len")
-    return JobSpec(training, data, run, model, hooks or [])
+    job = JobSpec(training, data, run, model, hooks or [])
+    if not is_uri(storage):
+        check_resume_compatible(job)
+    return job
+
+
+def warn_if_all_warmup(training: TrainingConfig) -> None:
+    """A warmup as long as the schedule (a few-step smoke run keeping a preset's warmup) is
+    allowed, but the learning rate then never reaches its peak nor decays: say so."""
+    horizon = training.schedule_steps or training.max_steps
+    if training.warmup_steps >= horizon:
+        log.warning("--warmup-steps %d >= the %d steps of the schedule: the learning rate only ramps up, to "
+                    "%.3g of --lr at the last step, and never decays (lower --warmup-steps for a real run)",
+                    training.warmup_steps, horizon, horizon / training.warmup_steps)
+
+
+def resume_config(run: RunConfig) -> tuple[Path, dict[str, Any]] | None:
+    """(checkpoint, its stored config) that a run with local storage would resume from: its
+    own newest checkpoint, else --resume-from's, by listing (the workers verify checksums
+    when they resume; the architecture and ZeRO stage are those of every checkpoint of a run,
+    as the workers refuse others). None: a fresh start."""
+    from mamba_slm.platform.fault.integrity import checkpoints_newest_first
+
+    from .checkpoint import STATE_FILE, read_train_state
+
+    candidates = checkpoints_newest_first(Path(run.storage_path) / run.name)
+    if not candidates and run.resume_from:
+        given = Path(run.resume_from)
+        candidates = [given] if (given / STATE_FILE).is_file() else checkpoints_newest_first(given)
+    for ckpt in candidates:
+        try:
+            return ckpt, read_train_state(ckpt)[1]
+        except (OSError, ValueError, KeyError, TypeError):  # missing or damaged: the workers skip it too
+            continue
+    return None
+
+
+def check_resume_compatible(job: JobSpec) -> None:
+    """Refuse, before any worker starts, to resume a checkpoint of another architecture or
+    ZeRO stage (the workers check too, but each of their refusals costs a restart of the
+    worker group, up to --max-failures of them)."""
+    from .checkpoint import check_resumable
+
+    found = resume_config(job.run)
+    if found is not None:
+        ckpt, config = found
+        check_resumable(config, job.model, job.training, str(ckpt))
 
 
 def ensure_ray(use_gpu: bool, include_dashboard: bool = False, log_to_driver: bool = True) -> None:

@@ -40,7 +40,8 @@ import torch.distributed as dist
 
 from mamba_slm.platform.fault.worker import WorkerFaultTolerance
 
-from .checkpoint import check_architecture, load_checkpoint, read_train_state, save_checkpoint, save_final_model
+from .checkpoint import (check_resumable, load_checkpoint, optimizer_changes, read_train_state, save_checkpoint,
+                         save_final_model)
 from .data import Batch, PackedSampleReader, StepBatches
 from .metrics import MetricsLogger, memory_gb, peak_flops_per_device, plot_loss_curve
 from .profiling import StepProfiler
@@ -50,6 +51,7 @@ from .storage import find_resume_checkpoint, save_and_report
 from .validation import Validator, validation_due
 
 
+log = logging.getLogger(__name__)
 RAY_REPORT_EVERY_S = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)) + 0.5
 
 
@@ -85,7 +87,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     with ExitStack() as stack:
         resume_dir = find_resume_checkpoint(config, stack, job.run.resume_from)  # rank 0 decides for all
         if resume_dir is not None:
-            check_architecture(read_train_state(resume_dir)[1]["model"], job.model, str(resume_dir))
+            saved = read_train_state(resume_dir)[1]
+            check_resumable(saved, job.model, tcfg, str(resume_dir))
+            if rank == 0 and (changes := optimizer_changes(saved, tcfg)):
+                log.warning("resuming %s with other optimizer settings than it was trained with (%s): "
+                            "this run's settings apply from here on", resume_dir.name, changes)
         from .engine import build_engine, resolve_precision
 
         building = time.monotonic()

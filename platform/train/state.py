@@ -13,7 +13,7 @@ from typing import Any
 
 from mamba_slm.model import ModelConfig
 
-from .config import DataConfig, RunConfig, TrainingConfig
+from .config import DataConfig, RunConfig, TrainingConfig, check_run_fits
 
 
 @dataclass
@@ -23,6 +23,9 @@ class JobSpec:
     run: RunConfig
     model: ModelConfig
     hooks: list = field(default_factory=list)  # objects with on_step_end(state, rank)
+
+    def __post_init__(self) -> None:
+        check_run_fits(self.training, self.run)
 
     def to_dict(self) -> dict[str, Any]:
         """The full config stored in every checkpoint (hooks are run-time only)."""

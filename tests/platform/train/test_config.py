@@ -11,8 +11,9 @@ import torch
 
 from mamba_slm.model import HybridLM, ModelConfig
 from mamba_slm.platform.train.cli import build_parser, configs_from_args
+from mamba_slm.platform.train.checkpoint import optimizer_changes
 from mamba_slm.platform.train.config import (TRAINING_PRESETS, DataConfig, RunConfig, TrainingConfig,
-                                             format_presets)
+                                             check_run_fits, format_presets)
 from mamba_slm.platform.train.engine import deepspeed_config, param_groups
 from mamba_slm.platform.train.schedule import lr_at
 from mamba_slm.platform.train.state import JobSpec
@@ -36,6 +37,11 @@ def test_presets_are_valid_and_sized_as_named():
     ("schedule", "linear", "schedule"), ("zero_stage", 1, "zero_stage"), ("max_steps", 0, "max_steps"),
     ("micro_batch_size", 5, "global_batch_size"), ("precision", "fp8", "precision"),
     ("spike_factor", 0.5, "spike_factor"), ("eval_every", -1, "eval_every"), ("eval_batches", 0, "eval_batches"),
+    # torch's AdamW refused these in every worker; NaN passed every `x < 0` check
+    ("beta1", 1.5, "beta1"), ("beta2", 1.0, "beta2"), ("beta1", -0.1, "beta1"), ("adam_eps", 0.0, "adam_eps"),
+    ("spike_factor", math.nan, "spike_factor=nan: must be a finite number"),
+    ("weight_decay", math.nan, "weight_decay"), ("grad_clip", math.nan, "grad_clip"), ("lr", math.inf, "lr"),
+    ("adam_eps", math.nan, "adam_eps"), ("beta2", math.nan, "beta2"),
 ])
 def test_training_config_rejects_bad_fields(field, value, needle):
     with pytest.raises(ValueError, match=needle):
@@ -85,11 +91,15 @@ def test_job_exits_2_with_a_clear_message_on_bad_arguments(repo_root, tmp_path):
 def test_cosine_schedule_warms_up_peaks_and_decays_to_the_floor():
     cfg = TrainingConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=10, max_steps=110, schedule="cosine")
     lrs = [lr_at(s, cfg) for s in range(110)]
-    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0) and lrs[10] == pytest.approx(1.0)
     assert all(a <= b for a, b in zip(lrs[:10], lrs[1:10]))
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
-    assert lrs[60] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    # half-way between the first step after the warmup (10) and the last update (109)
+    assert lrs[10 + 99 // 2] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 49 / 99)))
+    assert lrs[109] == pytest.approx(0.1, abs=1e-12)  # the last update is at the floor (was 0.10022)
     assert lr_at(110, cfg) == pytest.approx(0.1)
+    staged = TrainingConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=10, max_steps=50, schedule_steps=110)
+    assert [lr_at(s, staged) for s in range(50)] == lrs[:50]  # one schedule over the stages
 
 
 def test_wsd_schedule_is_flat_then_decays_linearly_at_the_end():
@@ -100,6 +110,51 @@ def test_wsd_schedule_is_flat_then_decays_linearly_at_the_end():
     assert lrs[80] < 2.0 and lrs[99] == pytest.approx(0.0)
     steps = [lrs[i] - lrs[i + 1] for i in range(80, 99)]
     assert max(steps) - min(steps) < 1e-9  # linear
+
+
+def test_a_wsd_warmup_may_not_end_inside_the_decay():
+    """100 steps, the last 20 decaying: a warmup of 90 jumped from the peak to the middle of
+    the decay (1.0 -> 0.505 at step 90). A warmup of the whole run (a smoke run with a
+    preset's warmup) only ramps up, and is allowed."""
+    with pytest.raises(ValueError, match="warmup_steps=90 ends inside the wsd decay, which starts at step 80.*"
+                                         "--warmup-steps <= 80"):
+        TrainingConfig(lr=1.0, max_steps=100, warmup_steps=90, schedule="wsd", decay_fraction=0.2)
+    edge = TrainingConfig(lr=1.0, min_lr_ratio=0.1, max_steps=100, warmup_steps=80, schedule="wsd")
+    lrs = [lr_at(s, edge) for s in range(100)]
+    assert lrs[79] == 1.0 and all(a > b for a, b in zip(lrs[79:], lrs[80:])) and lrs[99] == pytest.approx(0.1)
+    smoke = TrainingConfig(lr=1.0, max_steps=2, warmup_steps=2000, schedule="wsd")
+    assert [lr_at(s, smoke) for s in range(2)] == [1 / 2000, 2 / 2000]
+
+
+def test_elastic_runs_check_the_batch_for_every_worker_count():
+    """min_workers..num_workers: a run may start at any size in between; 3 of 2..4 workers
+    does not divide 32 into micro-batches of 8, which failed inside every worker."""
+    t = TrainingConfig(global_batch_size=32, micro_batch_size=8)
+    with pytest.raises(ValueError, match=r"micro-batches of 8 on 3 worker\(s\).*--min-workers 2 --num-workers 4.*"
+                                         r"--global-batch-size 96, or a narrower elastic range \(--min-workers 4\)"):
+        check_run_fits(t, RunConfig(num_workers=4, min_workers=2))
+    check_run_fits(t, RunConfig(num_workers=4))  # fixed size: only 4
+    check_run_fits(TrainingConfig(global_batch_size=96, micro_batch_size=8), RunConfig(num_workers=4, min_workers=2))
+    with pytest.raises(ValueError, match="not a multiple of micro_batch_size=8 x 3 workers"):
+        check_run_fits(t, RunConfig(num_workers=3))
+    with pytest.raises(ValueError, match=r"on 2, 3 worker"):  # every bad count listed
+        JobSpec(TrainingConfig(global_batch_size=8, micro_batch_size=8), DataConfig(),
+                RunConfig(num_workers=3, min_workers=1), ModelConfig.from_name("tiny"))
+
+
+def test_checkpoint_every_auto_needs_preemptions_per_hour_for_every_caller():
+    """The check was in the CLI only; a JobSpec built in code (tune, chaos, tests) skipped it."""
+    with pytest.raises(ValueError, match="--checkpoint-every auto needs --preemptions-per-hour"):
+        JobSpec(TrainingConfig(checkpoint_every="auto"), DataConfig(), RunConfig(), ModelConfig.from_name("tiny"))
+    JobSpec(TrainingConfig(checkpoint_every="auto"), DataConfig(), RunConfig(preemptions_per_hour=0.05),
+            ModelConfig.from_name("tiny"))
+
+
+def test_optimizer_changes_name_what_a_resume_changes():
+    saved = {"training": TrainingConfig().to_dict()}
+    assert optimizer_changes(saved, TrainingConfig()) == ""
+    assert optimizer_changes(saved, TrainingConfig(weight_decay=0.0, beta2=0.99)) == \
+        "weight_decay: checkpoint 0.1 -> now 0.0, beta2: checkpoint 0.95 -> now 0.99"
 
 
 def test_param_groups_exclude_1d_and_marked_parameters_from_weight_decay():
