@@ -267,17 +267,22 @@ def first_divergence(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def graph_ms(fn, iters: int = 200) -> float:
-    """Capture fn() into a CUDA graph and return ms per replay."""
+def capture(fn) -> torch.cuda.CUDAGraph:
+    """fn() captured into a CUDA graph, after one warm-up call on a side stream."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         fn()
     torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
         fn()
-    return time_cuda(g.replay, iters) / iters * 1e3
+    return graph
+
+
+def graph_ms(fn, iters: int = 200) -> float:
+    """Capture fn() into a CUDA graph and return ms per replay."""
+    return time_cuda(capture(fn).replay, iters) / iters * 1e3
 
 
 @torch.no_grad()
@@ -326,17 +331,7 @@ def profile_step(model, prompt_len: int, bandwidth: float) -> list[dict]:
 def greedy_step_graph(dec) -> torch.cuda.CUDAGraph:
     """The decoder's step and a greedy argmax into its own input, captured as one graph
     (warmed up on a side stream first); the cache is reset after."""
-    def step():
-        dec._token.copy_(dec._forward(dec._token).argmax(-1, keepdim=True))
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph = capture(lambda: dec._token.copy_(dec._forward(dec._token).argmax(-1, keepdim=True)))
     dec.cache.reset()
     return graph
 
