@@ -73,9 +73,8 @@ class MetricsLogger:
     def log(self, metrics: dict[str, Any]) -> None:
         self.jsonl.write(json.dumps(metrics) + "\n")
         self.jsonl.flush()
-        if self.wandb is not None:
-            self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-                           step=metrics["step"])
+        if self.wandb is not None:  # x axis: the "step" value (define_metric in _start_wandb)
+            self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         step = metrics["step"]
         if (step % self.log_every == 0 or step == self.max_steps or step == 1 or metrics.get("skipped")
                 or "val_loss" in metrics):
@@ -113,8 +112,15 @@ def _start_wandb(output_dir: Path, config: dict[str, Any], name: str, project: s
         return None
     # Online only with a key; offline runs can be synced later with `wandb sync`.
     mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-    return wandb.init(project=project, name=name, config=config, dir=str(output_dir), mode=mode,
-                      resume="allow", id=_wandb_id(name))
+    run = wandb.init(project=project, name=name, config=config, dir=str(output_dir), mode=mode,
+                     resume="allow", id=_wandb_id(name))
+    # Plot against our own "step", not wandb's step counter: a run restarted from a checkpoint
+    # logs its redone steps again under the same run id, and wandb drops data logged at a step
+    # below its counter ("Steps must be monotonically increasing"): their val_loss, startup_s
+    # and resumed_from_step never showed.
+    run.define_metric("step")
+    run.define_metric("*", step_metric="step")
+    return run
 
 
 def _wandb_id(name: str) -> str:
