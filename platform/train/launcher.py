@@ -233,7 +233,10 @@ def fit_with_resubmission(make_trainer, max_failures: int):
     killed worker takes its peers down while the controller replaces it, the controller
     can fail with `ActorUnavailableError`, a non-retryable `ControllerError` (seen in
     the chaos runs of platform/fault). A resubmission of the same run resumes from its
-    latest checkpoint, exactly as after a worker restart; it shares the retry budget."""
+    latest checkpoint, exactly as after a worker restart. At most `max_failures`
+    resubmissions, each with its own budget of `max_failures` worker restarts (Ray does not
+    report how many a failed fit used), so a run stops after at most (max_failures + 1)^2
+    worker-group starts."""
     from ray.train import ControllerError
 
     for attempt in range(max_failures + 1):
