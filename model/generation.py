@@ -176,7 +176,8 @@ class Decoder:
 
     def _prefill_eager(self, input_ids: torch.Tensor) -> torch.Tensor:
         T = input_ids.shape[1]
-        valid = torch.full((1,), T, dtype=torch.long, device=input_ids.device)  # logits of the last token only
+        # valid_len = T: logits of the last token only; a one-token prompt is a plain step
+        valid = None if T == 1 else torch.full((1,), T, dtype=torch.long, device=input_ids.device)
         logits = self.model(input_ids, cache=self.cache, valid_len=valid).logits[:, -1, :self.vocab]
         self.cache.seqlen = T
         return logits
