@@ -7,9 +7,10 @@ injected and survived, and what the sample ledger says was lost or repeated.
     python jobs/chaos.py --workers 2 --min-workers 1   # resubmissions on 1 or 2 workers
     python jobs/chaos.py --use-gpu                     # one GPU per worker: NCCL, bf16, the kernels
 
-The last line is always `faults injected N, survived N, samples lost N, repeated N`.
-Exit codes: 0 every fault survived with no sample lost or repeated, 1 otherwise, 2 bad
-arguments.
+The last line is always `faults injected N, survived N, samples lost N, repeated N` (then
+`, trained past the checkpoint's position N` if any were). Exit codes: 0 every fault
+survived with no sample lost, repeated or trained past the final checkpoint's position,
+1 otherwise, 2 bad arguments.
 """
 from __future__ import annotations
 
@@ -80,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                        min_workers=args.min_workers)
     print(f"run directory: {out}")
     print(report.line())
-    ok = report.finished and report.survived == report.injected and report.lost == 0 and report.repeated == 0
+    ok = (report.finished and report.survived == report.injected and report.lost == 0 and report.repeated == 0
+          and report.beyond == 0)
     return 0 if ok else 1
 
 

@@ -37,10 +37,12 @@ class ChaosReport:
     finished: bool
     submissions: int
     events: list[str]
+    beyond: int = 0  # samples in the final weights past its sample position (ledger.LedgerAudit)
 
     def line(self) -> str:
         return (f"faults injected {self.injected}, survived {self.survived}, "
-                f"samples lost {self.lost}, repeated {self.repeated}")
+                f"samples lost {self.lost}, repeated {self.repeated}"
+                + (f", trained past the checkpoint's position {self.beyond}" if self.beyond else ""))
 
 
 def plan_faults(seed: int, steps: int, crashes: int, preemptions: int, workers: int):
@@ -92,4 +94,5 @@ def run_chaos(job_factory, out: Path, seed: int, steps: int, crashes: int, preem
     audit = audit_checkpoint(checkpoints_newest_first(result.run_dir)[0]) if finished else None
     return ChaosReport(injected=injected, survived=injected if finished else 0,
                        lost=audit.lost if audit else -1, repeated=audit.repeated if audit else -1,
-                       finished=finished, submissions=submissions, events=events)
+                       finished=finished, submissions=submissions, events=events,
+                       beyond=audit.beyond if audit else 0)

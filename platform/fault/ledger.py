@@ -6,8 +6,9 @@ workers' intervals are gathered on rank 0 and added to the ledger inherited from
 checkpoint the run resumed from; the result is `ledger.json` inside the checkpoint. Work
 done after the last checkpoint and lost in a failure never reaches a ledger, exactly as
 it never reaches the weights, so for an intact run the ledger of step s covers
-[0, sample_position) once: `audit` counts the samples lost (never trained) and
-repeated (trained twice) to prove it.
+[0, sample_position) once: `audit` counts the samples lost (never trained), repeated
+(trained twice) and beyond the position (trained into the weights, yet the data loader
+resuming at sample_position would feed them again) to prove it.
 """
 from __future__ import annotations
 
@@ -46,10 +47,11 @@ class LedgerAudit:
     trained: int    # total samples in the ledger, counting repeats
     lost: int       # in [0, sample_position) but never trained
     repeated: int   # trained more than once (each extra time counts)
+    beyond: int = 0  # trained, at or past sample_position: a resume would train them again
 
     @property
     def exact(self) -> bool:
-        return self.lost == 0 and self.repeated == 0
+        return self.lost == 0 and self.repeated == 0 and self.beyond == 0
 
 
 @dataclass
@@ -68,9 +70,11 @@ class SampleLedger:
         for a, b in sorted(self.intervals):
             repeated += max(0, min(b, reach) - a)
             reach = max(reach, b)
-        in_range = sum(max(0, min(b, sample_position) - a) for a, b in merge_union(self.intervals))
+        union = merge_union(self.intervals)
+        in_range = sum(max(0, min(b, sample_position) - a) for a, b in union)
+        beyond = sum(max(0, b - max(a, sample_position)) for a, b in union)
         return LedgerAudit(expected=sample_position, trained=trained,
-                           lost=sample_position - in_range, repeated=repeated)
+                           lost=sample_position - in_range, repeated=repeated, beyond=beyond)
 
     def save(self, checkpoint_dir: str | Path, sample_position: int) -> None:
         (Path(checkpoint_dir) / LEDGER_FILE).write_text(

@@ -108,6 +108,8 @@ def test_ledger_counts_lost_and_repeated_samples():
     ledger.add(np.arange(24, 28))  # step 3 trained again after a lost checkpoint
     audit = ledger.audit(40)       # and [32, 40) never trained
     assert (audit.repeated, audit.lost, audit.trained) == (4, 8, 36)
+    over = SampleLedger([[0, 120]]).audit(100)  # weights hold 20 samples the resumed loader feeds again
+    assert (over.lost, over.repeated, over.beyond, over.exact) == (0, 0, 20, False)
     assert to_intervals(np.array([5, 3, 4, 9])) == [[3, 6], [9, 10]]
 
 
