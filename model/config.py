@@ -27,6 +27,42 @@ def _evenly_spaced(count: int, start: int, stop: int) -> list[int]:
     return [start + int((i + 0.5) * span / count) for i in range(count)]
 
 
+ROPE_SCALING_KEYS = {"linear": {"factor"}, "ntk": {"factor"},
+                     "yarn": {"factor", "beta_fast", "beta_slow", "original_max_seq_len"}}
+
+
+def check_rope_scaling(scaling: Any, rotary_dim: int) -> None:
+    """`ModelConfig.rope_scaling` as model/layers.py's `rope_inv_freq` reads it: {"type":
+    "linear" | "ntk" | "yarn", "factor": >= 1, yarn's beta_fast > beta_slow >= 0 and
+    original_max_seq_len}. A missing factor or a key under another name (transformers'
+    "rope_type", "original_max_position_embeddings") would silently change nothing."""
+    where = f"ModelConfig.rope_scaling={scaling!r}"
+    if not isinstance(scaling, dict):
+        raise ValueError(f"{where}: expected a dict such as {{'type': 'yarn', 'factor': 4.0}}, or None")
+    kind = scaling.get("type")
+    if kind not in ROPE_SCALING_KEYS:
+        hint = " (this project's key is 'type', not transformers' 'rope_type')" if "rope_type" in scaling else ""
+        raise ValueError(f"{where}: 'type' must be one of {sorted(ROPE_SCALING_KEYS)}{hint}")
+    unknown = sorted(set(scaling) - ROPE_SCALING_KEYS[kind] - {"type"})
+    if unknown:
+        hint = (" ('original_max_position_embeddings' is 'original_max_seq_len' here)"
+                if "original_max_position_embeddings" in unknown else "")
+        raise ValueError(f"{where}: unknown key(s) {unknown} for type {kind!r}; it takes "
+                         f"{sorted(ROPE_SCALING_KEYS[kind])}{hint}")
+    factor = scaling.get("factor")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 1 <= factor < math.inf:
+        raise ValueError(f"{where}: 'factor' must be a finite number >= 1 (the context's stretch)")
+    if kind == "ntk" and rotary_dim <= 2:
+        raise ValueError(f"{where}: NTK scaling needs a rotary dimension above 2 (it is {rotary_dim})")
+    if kind == "yarn":
+        fast, slow = scaling.get("beta_fast", 32), scaling.get("beta_slow", 1)
+        if not (isinstance(fast, (int, float)) and isinstance(slow, (int, float)) and 0 <= slow < fast < math.inf):
+            raise ValueError(f"{where}: YaRN needs beta_fast > beta_slow >= 0 (defaults 32 and 1)")
+        original = scaling.get("original_max_seq_len", 1)
+        if isinstance(original, bool) or not isinstance(original, int) or original <= 0:
+            raise ValueError(f"{where}: 'original_max_seq_len' must be a positive integer (the trained context)")
+
+
 def derive_layer_pattern(n_layers: int, attn_ratio: float, placement: str) -> str:
     """Build a per-layer pattern from an attention ratio and a placement rule.
 
@@ -124,6 +160,16 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"ModelConfig.{name}={value!r}: must be a positive integer")
+        for name in ("norm_eps", "init_std", "rope_theta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"ModelConfig.{name}={value!r}: must be a positive finite number")
+        for name in ("tie_embeddings", "mamba_conv_bias", "mamba_proj_bias"):
+            if not isinstance(getattr(self, name), bool):  # "false" from a YAML/CLI string would be truthy
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: must be true or false")
+        if self.mamba_d_conv < 2:
+            raise ValueError(f"ModelConfig.mamba_d_conv={self.mamba_d_conv}: the causal conv needs a window of "
+                             "at least 2 (causal-conv1d takes 2-4)")
         if self.attn_placement not in PLACEMENTS:
             raise ValueError(f"ModelConfig.attn_placement={self.attn_placement!r}: expected one of {PLACEMENTS}")
         if not 0.0 <= self.attn_ratio <= 1.0:
@@ -154,6 +200,8 @@ class ModelConfig:
                 raise ValueError(
                     f"ModelConfig.rotary_fraction={self.rotary_fraction}: head_dim * fraction must be "
                     f"an even integer (head_dim={self.head_dim})")
+        if self.rope_scaling is not None:
+            check_rope_scaling(self.rope_scaling, self.rotary_dim)
         if MAMBA in self.layer_pattern:
             if self.mamba_inner_size % self.mamba_head_dim:
                 raise ValueError(

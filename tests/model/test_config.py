@@ -60,6 +60,17 @@ def test_verbatim_pattern_and_overrides():
     (dict(n_kv_heads=3), "n_kv_heads"),
     (dict(mamba_head_dim=48), "mamba_head_dim"),
     (dict(hidden_size=0), "hidden_size"),
+    (dict(mamba_d_conv=1), "mamba_d_conv"),  # trained, then the decode cache failed
+    (dict(norm_eps=-1.0), "norm_eps"),
+    (dict(init_std=float("nan")), "init_std"),
+    (dict(tie_embeddings="false"), "tie_embeddings"),  # a truthy string tied the weights
+    (dict(rope_scaling={"type": "linear"}), "'factor' must be"),  # factor 1: no scaling at all
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "not transformers' 'rope_type'"),
+    (dict(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}),
+     "'original_max_position_embeddings' is 'original_max_seq_len' here"),
+    (dict(rope_scaling={"type": "yarn", "factor": 4.0, "beta_fast": 1, "beta_slow": 1}), "beta_fast > beta_slow"),
+    (dict(rope_scaling={"type": "ntk", "factor": 2.0}, rotary_fraction=0.125), "NTK scaling needs"),
+    (dict(rope_scaling={"type": "linear", "factor": 0.5}), "'factor' must be"),
 ])
 def test_invalid_configs_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
