@@ -220,8 +220,9 @@ class HybridLM(nn.Module):
             return LMOutput(logits=None, loss=self.chunked_loss(h, labels), cache=cache)
         logits = self.lm_head(h)  # (B, T, V_padded)
         loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        if labels is not None:  # per label; 0 when every label is ignored, as chunked_loss gives
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                   reduction="sum") / (labels != -100).sum().clamp(min=1)
         return LMOutput(logits=logits, loss=loss, cache=cache)
 
     def chunked_loss(self, h: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 4096) -> torch.Tensor:

@@ -22,6 +22,10 @@ def save_pretrained(model: HybridLM, path: str | Path, tokenizer_file: str | Pat
     model are upcast, so the directory has one format; tied weights stored once) and a copy
     of the tokenizer file. Writes into `path` directly; callers that need atomicity write
     to a temporary directory and rename."""
+    reserved = sorted({"model", "quantization"} & set(metadata or {}))
+    if reserved:  # "model" is the config itself; "quantization" marks save_quantized's directories
+        raise ValueError(f"save_pretrained: metadata key(s) {reserved} are reserved for the model config; "
+                         "put your values under other names")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: (v.float() if v.is_floating_point() else v).detach().to("cpu").contiguous()

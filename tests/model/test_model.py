@@ -118,6 +118,8 @@ def test_save_and_load_round_trip(tmp_path):
     model.pack_for_decoding()  # weights become views of packed tensors: still saved one by one
     save_pretrained(model, tmp_path / "packed")
     torch.testing.assert_close(load_pretrained(tmp_path / "packed")(ids).logits, model(ids).logits, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="reserved"):  # would have replaced the config itself
+        save_pretrained(model, tmp_path / "bad", metadata={"model": "mine"})
 
 
 def test_kernel_path_missing_is_a_clear_error():
@@ -163,6 +165,10 @@ def test_chunked_loss_equals_full_loss_and_gradients():
     h_loss.loss.backward()
     for g_ref, p in zip(ref, model.parameters()):
         torch.testing.assert_close(p.grad, g_ref, atol=1e-6, rtol=1e-5)
+    ignored = torch.full_like(labels, -100)  # both paths: 0, not NaN (a mean over no labels)
+    assert model(ids, labels=ignored).loss.item() == model(ids, labels=ignored, return_logits=False).loss.item() == 0
+    ignored = torch.full_like(labels, -100)  # both paths: 0, not NaN (a mean over no labels)
+    assert model(ids, labels=ignored).loss.item() == model(ids, labels=ignored, return_logits=False).loss.item() == 0
 
 
 def _hidden(model, ids):
