@@ -449,7 +449,8 @@ def fused_step_rows(model, prompt: torch.Tensor, variants: list[str]) -> list[di
             r, bk, w = spec.split(":")
             r1, r2, r3 = (int(v) for v in r.split("/"))
             fused_decode.gemv_config = (lambda n, k, r1=r1, r2=r2, r3=r3, bk=int(bk), w=int(w):
-                                        (r1 if n <= 4096 else r2 if n <= 16384 else r3, min(bk, triton_pow2(k)), w))
+                                        (r1 if n <= 4096 else r2 if n <= 16384 else r3,
+                                         min(bk, fused_decode.triton.next_power_of_2(k)), w))
         if spec == "nopdl":
             fused_decode.pdl_supported = lambda device: False
         model.fused_decode = spec != "layerwise"
@@ -470,10 +471,6 @@ def fused_step_rows(model, prompt: torch.Tensor, variants: list[str]) -> list[di
         print(json.dumps(rows[-1]), flush=True)
     generation._GRAPH_DECODERS.pop(model, None)
     return rows
-
-
-def triton_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
 
 
 def boundary_profile(model, prompt: torch.Tensor, new: int, out_dir: str | None = None) -> list[dict]:

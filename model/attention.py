@@ -163,9 +163,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None,
                 state: KVState | None = None, valid_len: torch.Tensor | None = None,
-                start: int | None = None) -> torch.Tensor:
+                start: int = 0) -> torch.Tensor:
         """x (B, T, hidden) -> (B, T, hidden). With `state`: continue from the cache, whose
-        host-side count of cached tokens is `start` (None: read from the device, a sync).
+        host-side count of cached tokens is `start` (`InferenceCache.seqlen`: no device read).
         Right padding (`valid_len`) needs nothing here: causal attention keeps real tokens
         from seeing it, and its keys sit past the cache's offset, where the next steps
         overwrite them."""
@@ -190,11 +190,9 @@ class Attention(nn.Module):
             out = out.transpose(1, 2).reshape(b, T, -1)
         return self.o_proj(out)
 
-    def _prefill(self, q, k, v, state: KVState, start: int | None = None) -> torch.Tensor:
-        """Several tokens into the cache (a prompt, or a chunk continuing one)."""
+    def _prefill(self, q, k, v, state: KVState, start: int) -> torch.Tensor:
+        """Several tokens into the cache (a prompt, or a chunk continuing one) at position `start`."""
         b, _, T, _ = q.shape
-        if start is None:
-            start = int(state.offset)  # host sync: once per layer per prompt, never per step
         cos, sin = state.rope[start:start + T].unbind(1)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         state.k[:, :, start:start + T] = k

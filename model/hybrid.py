@@ -42,9 +42,12 @@ class InferenceCache:
                 f"{self.seqlen}; {n} more do not fit. Make it with "
                 f"model.new_cache(batch, max_len=prompt + new tokens)")
 
-    def advance(self, n: int) -> None:
+    def advance(self, n: int, real: torch.Tensor | None = None) -> None:
+        """n tokens went in; `real` (a device count) of them are tokens, the rest right
+        padding: the device offset moves by `real`, the host count by n (the caller, who
+        knows the real count on the host, sets `seqlen`)."""
         self.seqlen += n
-        self.offset.add_(n)
+        self.offset.add_(n if real is None else real)
 
     def reset(self) -> None:
         """Empty the cache in place (same buffers), ready for a new prompt."""
@@ -211,9 +214,7 @@ class HybridLM(nn.Module):
             h, residual = h.index_select(1, last), residual.index_select(1, last)
         h = self.final_norm(h, residual)[0]
         if cache is not None:
-            cache.advance(input_ids.shape[1])
-            if valid_len is not None:
-                cache.offset.copy_(cache.offset - input_ids.shape[1] + valid_len)
+            cache.advance(input_ids.shape[1], valid_len)
         if output_hidden:
             return LMOutput(logits=None, cache=cache, hidden=h)
         if labels is not None and not return_logits:
